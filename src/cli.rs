@@ -1,0 +1,370 @@
+//! Command-line parsing: `parse(args) -> Command`, testable without a process.
+//!
+//! Every flag is listed in `HELP`; anything else is an error, never silently ignored.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub const HELP: &str = "\
+ksocks: transparent TCP proxy whose data plane runs in the kernel (eBPF sockmap or splice)
+
+Usage: ksocks [OPTIONS]   (at least one listener)
+
+Listeners (each repeatable):
+  -r, --redirect ADDR        accept connections redirected by nftables/iptables REDIRECT;
+                             the destination comes from SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
+                             An IPv6 ADDR is IPv6-only: use -r 0.0.0.0:P -r [::]:P for both.
+  -t, --tproxy ADDR          accept connections diverted by TPROXY (IP_TRANSPARENT);
+                             the destination is the accepted socket's local address.
+
+Data plane:
+      --dataplane MODE       auto | sockmap | splice | copy (default auto: the first that
+                             works of sockmap, splice, copy; see README)
+      --buffer-size BYTES    copy-loop buffer per direction (default 16384)
+      --inflight-max BYTES   sockmap: bytes one direction may have in flight before the
+                             source is paused (default 4194304)
+
+Connections:
+      --max-conns N          stop accepting at N open connections (default 4096)
+      --connect-timeout SECS upstream connect timeout (default 10)
+      --idle-timeout SECS    close connections idle this long (default 0 = never)
+      --mark N               set SO_MARK N on upstream sockets (loop avoidance)
+
+Process:
+      --user NAME            after setup, drop to this user and its group
+  -v, --verbose              more logs: -v one line per connection, -vv data-plane events
+  -q, --quiet                no logs except fatal errors
+  -h, --help                 print this help
+  -V, --version              print the version
+
+Signals: SIGUSR1 prints a stats line; SIGINT/SIGTERM close everything and exit 0.
+";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    Redirect,
+    Tproxy,
+}
+
+impl fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            ListenerKind::Redirect => "redirect",
+            ListenerKind::Tproxy => "tproxy",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataplane {
+    Auto,
+    Sockmap,
+    Splice,
+    Copy,
+}
+
+impl fmt::Display for Dataplane {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Dataplane::Auto => "auto",
+            Dataplane::Sockmap => "sockmap",
+            Dataplane::Splice => "splice",
+            Dataplane::Copy => "copy",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    pub dataplane: Dataplane,
+    pub max_conns: usize,
+    pub connect_timeout: Duration,
+    /// `None` means never time out idle connections.
+    pub idle_timeout: Option<Duration>,
+    pub mark: Option<u32>,
+    pub buffer_size: usize,
+    pub inflight_max: u64,
+    pub user: Option<String>,
+    /// See `log`: -1 quiet, 0 default, 1 and more verbose.
+    pub verbosity: i8,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run(Config),
+    Help,
+    Version,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct CliError(pub String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{} (try --help)", self.0)
+    }
+}
+
+impl From<lexopt::Error> for CliError {
+    fn from(e: lexopt::Error) -> CliError {
+        CliError(e.to_string())
+    }
+}
+
+/// Parses `value` with `FromStr`, naming the flag in the error.
+fn parse_value<T: std::str::FromStr>(flag: &str, value: std::ffi::OsString) -> Result<T, CliError> {
+    let text = value
+        .into_string()
+        .map_err(|_| CliError(format!("{flag}: not valid UTF-8")))?;
+    text.parse()
+        .map_err(|_| CliError(format!("{flag}: invalid value '{text}'")))
+}
+
+fn in_range<T: PartialOrd + fmt::Display>(flag: &str, v: T, lo: T, hi: T) -> Result<T, CliError> {
+    if v < lo || v > hi {
+        return Err(CliError(format!("{flag}: {v} is outside {lo}..={hi}")));
+    }
+    Ok(v)
+}
+
+pub fn parse<I>(args: I) -> Result<Command, CliError>
+where
+    I: IntoIterator,
+    I::Item: Into<std::ffi::OsString>,
+{
+    use lexopt::prelude::*;
+
+    let mut listeners = Vec::new();
+    let mut dataplane = Dataplane::Auto;
+    let mut max_conns = 4096;
+    let mut connect_timeout = 10;
+    let mut idle_timeout = 0;
+    let mut mark = None;
+    let mut buffer_size = 16384;
+    let mut inflight_max = 4 << 20;
+    let mut user = None;
+    let mut verbosity: i8 = 0;
+
+    let mut parser = lexopt::Parser::from_iter(
+        std::iter::once("ksocks".into()).chain(args.into_iter().map(Into::into)),
+    );
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('r') | Long("redirect") => {
+                listeners.push((
+                    ListenerKind::Redirect,
+                    parse_value("--redirect", parser.value()?)?,
+                ));
+            }
+            Short('t') | Long("tproxy") => {
+                listeners.push((
+                    ListenerKind::Tproxy,
+                    parse_value("--tproxy", parser.value()?)?,
+                ));
+            }
+            Long("dataplane") => {
+                let v: String = parse_value("--dataplane", parser.value()?)?;
+                dataplane = match v.as_str() {
+                    "auto" => Dataplane::Auto,
+                    "sockmap" => Dataplane::Sockmap,
+                    "splice" => Dataplane::Splice,
+                    "copy" => Dataplane::Copy,
+                    _ => {
+                        return Err(CliError(format!(
+                            "--dataplane: '{v}' is not auto, sockmap, splice or copy"
+                        )))
+                    }
+                };
+            }
+            Long("max-conns") => {
+                max_conns = in_range(
+                    "--max-conns",
+                    parse_value("--max-conns", parser.value()?)?,
+                    1,
+                    1 << 20,
+                )?;
+            }
+            Long("connect-timeout") => {
+                let v = parse_value("--connect-timeout", parser.value()?)?;
+                connect_timeout = in_range("--connect-timeout", v, 1, 3600)?;
+            }
+            Long("idle-timeout") => {
+                let v = parse_value("--idle-timeout", parser.value()?)?;
+                idle_timeout = in_range("--idle-timeout", v, 0, 30 * 86400)?;
+            }
+            Long("mark") => mark = Some(parse_value("--mark", parser.value()?)?),
+            Long("buffer-size") => {
+                let v = parse_value("--buffer-size", parser.value()?)?;
+                buffer_size = in_range("--buffer-size", v, 512, 16 << 20)?;
+            }
+            Long("inflight-max") => {
+                let v = parse_value("--inflight-max", parser.value()?)?;
+                inflight_max = in_range("--inflight-max", v, 64 << 10, 1 << 32)?;
+            }
+            Long("user") => user = Some(parse_value("--user", parser.value()?)?),
+            Short('v') | Long("verbose") => verbosity = verbosity.saturating_add(1).max(1),
+            Short('q') | Long("quiet") => verbosity = -1,
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    if listeners.is_empty() {
+        return Err(CliError(
+            "no listener: give at least one --redirect or --tproxy".into(),
+        ));
+    }
+    Ok(Command::Run(Config {
+        listeners,
+        dataplane,
+        max_conns,
+        connect_timeout: Duration::from_secs(connect_timeout),
+        idle_timeout: (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout)),
+        mark,
+        buffer_size,
+        inflight_max,
+        user,
+        verbosity,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Config, CliError> {
+        match parse(args.iter().copied())? {
+            Command::Run(c) => Ok(c),
+            other => panic!("expected a run config, got {other:?}"),
+        }
+    }
+
+    /// Defaults are the documented ones.
+    #[test]
+    fn defaults() {
+        let c = run(&["-r", "0.0.0.0:12345"]).unwrap();
+        assert_eq!(
+            c.listeners,
+            vec![(ListenerKind::Redirect, "0.0.0.0:12345".parse().unwrap())]
+        );
+        assert_eq!(c.dataplane, Dataplane::Auto);
+        assert_eq!(c.max_conns, 4096);
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.mark, None);
+        assert_eq!(c.buffer_size, 16384);
+        assert_eq!(c.verbosity, 0);
+    }
+
+    /// Every flag, long and short forms, repeated listeners in both families.
+    #[test]
+    fn all_flags() {
+        let c = run(&[
+            "--redirect",
+            "0.0.0.0:1",
+            "-r",
+            "[::]:1",
+            "-t",
+            "127.0.0.1:2",
+            "--tproxy=[::1]:3",
+            "--dataplane",
+            "copy",
+            "--max-conns",
+            "10",
+            "--connect-timeout",
+            "3",
+            "--idle-timeout",
+            "60",
+            "--mark",
+            "255",
+            "--buffer-size",
+            "4096",
+            "--inflight-max",
+            "1048576",
+            "--user",
+            "nobody",
+            "-vv",
+        ])
+        .unwrap();
+        assert_eq!(c.listeners.len(), 4);
+        assert_eq!(
+            c.listeners[1],
+            (ListenerKind::Redirect, "[::]:1".parse().unwrap())
+        );
+        assert_eq!(
+            c.listeners[3],
+            (ListenerKind::Tproxy, "[::1]:3".parse().unwrap())
+        );
+        assert_eq!(c.dataplane, Dataplane::Copy);
+        assert_eq!(c.max_conns, 10);
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.mark, Some(255));
+        assert_eq!(c.buffer_size, 4096);
+        assert_eq!(c.inflight_max, 1 << 20);
+        assert_eq!(c.user.as_deref(), Some("nobody"));
+        assert_eq!(c.verbosity, 2);
+        assert_eq!(run(&["-r", "0.0.0.0:1", "-v", "-q"]).unwrap().verbosity, -1);
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse(["--help"]).unwrap(), Command::Help);
+        assert_eq!(parse(["-V"]).unwrap(), Command::Version);
+    }
+
+    /// Bad input is an error that names the flag, never ignored.
+    #[test]
+    fn rejects_bad_input() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "no listener"),
+            (&["-r", "0.0.0.0:1", "--bogus"], "bogus"),
+            (&["-r", "0.0.0.0"], "--redirect: invalid value"),
+            (&["-r", "::1:80"], "--redirect: invalid value"),
+            (&["-r"], "missing argument"),
+            (&["-r", "0.0.0.0:1", "--dataplane", "fast"], "--dataplane"),
+            (&["-r", "0.0.0.0:1", "--max-conns", "0"], "--max-conns"),
+            (&["-r", "0.0.0.0:1", "--max-conns", "-5"], "--max-conns"),
+            (&["-r", "0.0.0.0:1", "--buffer-size", "10"], "--buffer-size"),
+            (
+                &["-r", "0.0.0.0:1", "--connect-timeout", "0"],
+                "--connect-timeout",
+            ),
+            (&["-r", "0.0.0.0:1", "--mark", "x"], "--mark"),
+            (&["-r", "0.0.0.0:1", "stray"], "stray"),
+        ];
+        for (args, needle) in cases {
+            let err = run(args).expect_err(&format!("{args:?} should fail"));
+            assert!(
+                err.0.contains(needle),
+                "{args:?}: error '{}' lacks '{needle}'",
+                err.0
+            );
+        }
+    }
+
+    /// The help text documents every long flag the parser accepts.
+    #[test]
+    fn help_lists_every_flag() {
+        for flag in [
+            "--redirect",
+            "--tproxy",
+            "--dataplane",
+            "--buffer-size",
+            "--inflight-max",
+            "--max-conns",
+            "--connect-timeout",
+            "--idle-timeout",
+            "--mark",
+            "--user",
+            "--verbose",
+            "--quiet",
+            "--help",
+            "--version",
+        ] {
+            assert!(HELP.contains(flag), "{flag} missing from HELP");
+        }
+    }
+}

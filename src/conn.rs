@@ -1,0 +1,329 @@
+//! One proxied connection: client socket, upstream socket, and where it is in its life:
+//! connect -> relay (copy, splice or sockmap) -> close.
+//!
+//! Invariant: a connection is freed only when both directions are finished (each saw end of
+//! stream and passed it on), or at once when either side resets or fails — then the other side
+//! is reset too, so no peer waits on a half-dead connection and no socket lingers in CLOSE_WAIT.
+
+use crate::relay::{Broken, Flow};
+use crate::sockmap::Spliced;
+use crate::sys::{epoll, socket};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client = 0,
+    Upstream = 1,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+}
+
+/// Why a connection ended; printed as `end=...` in the close line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished normally.
+    Done,
+    ClientReset,
+    UpstreamReset,
+    Refused,
+    Unreachable,
+    Timeout,
+    Idle,
+    Loop,
+    NoDestination,
+    Shutdown,
+    Error,
+}
+
+impl End {
+    /// Whether the surviving sockets are reset (`SO_LINGER` 0) rather than closed with a FIN.
+    pub fn resets(self) -> bool {
+        matches!(
+            self,
+            End::ClientReset | End::UpstreamReset | End::Refused | End::Error
+        )
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            End::Done => "done",
+            End::ClientReset => "client-reset",
+            End::UpstreamReset => "upstream-reset",
+            End::Refused => "refused",
+            End::Unreachable => "unreachable",
+            End::Timeout => "timeout",
+            End::Idle => "idle",
+            End::Loop => "loop",
+            End::NoDestination => "no-destination",
+            End::Shutdown => "shutdown",
+            End::Error => "error",
+        })
+    }
+}
+
+/// Classifies a failed non-blocking connect.
+pub fn connect_end(err: &io::Error) -> End {
+    match err.raw_os_error() {
+        Some(libc::ECONNREFUSED) => End::Refused,
+        Some(libc::ETIMEDOUT) => End::Timeout,
+        Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+            End::Unreachable
+        }
+        _ => End::Error,
+    }
+}
+
+/// A socket and what epoll currently watches on it.
+pub struct Sock {
+    pub fd: OwnedFd,
+    /// Mask registered with epoll; `None` when not registered.
+    registered: Option<u32>,
+    /// EPOLLHUP was seen: both directions of this socket are shut, it will never report
+    /// anything new, and keeping it registered would make level-triggered epoll spin.
+    pub hup: bool,
+}
+
+impl Sock {
+    pub fn new(fd: OwnedFd) -> Sock {
+        Sock {
+            fd,
+            registered: None,
+            hup: false,
+        }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Brings the epoll registration in line with `mask`. A socket stays registered with an
+    /// empty mask so that errors (EPOLLERR) are still reported, unless it has hung up.
+    pub fn watch(&mut self, ep: &epoll::Epoll, token: u64, mask: u32) -> io::Result<()> {
+        match self.registered {
+            Some(_) if self.hup && mask == 0 => {
+                ep.delete(self.fd())?;
+                self.registered = None;
+            }
+            Some(current) if current != mask => {
+                ep.modify(self.fd(), token, mask)?;
+                self.registered = Some(mask);
+            }
+            None if !(self.hup && mask == 0) => {
+                ep.add(self.fd(), token, mask)?;
+                self.registered = Some(mask);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+pub enum Phase {
+    /// Waiting for the upstream connect to finish.
+    Connecting { deadline: Instant },
+    /// Userspace data plane: both directions as `Flow`s ([up, down]).
+    Relay([Flow; 2]),
+    /// Kernel data plane.
+    Sockmap(Box<Spliced>),
+}
+
+pub struct Conn {
+    pub id: u64,
+    pub client: Sock,
+    pub upstream: Sock,
+    pub client_addr: SocketAddr,
+    pub dest: SocketAddr,
+    pub phase: Phase,
+    pub started: Instant,
+    pub last_active: Instant,
+    /// Byte totals last seen, to notice activity for the idle timeout.
+    pub seen_bytes: u64,
+}
+
+/// The plane a connection is on, for stats and the close line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlaneKind {
+    Connecting,
+    Copy,
+    Splice,
+    Sockmap,
+}
+
+impl fmt::Display for PlaneKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            PlaneKind::Connecting => "none",
+            PlaneKind::Copy => "copy",
+            PlaneKind::Splice => "splice",
+            PlaneKind::Sockmap => "sockmap",
+        })
+    }
+}
+
+impl Conn {
+    pub fn sock(&mut self, side: Side) -> &mut Sock {
+        match side {
+            Side::Client => &mut self.client,
+            Side::Upstream => &mut self.upstream,
+        }
+    }
+
+    /// Bytes moved (client -> upstream, upstream -> client).
+    pub fn bytes(&self, off: Option<&crate::offload::Offload>) -> (u64, u64) {
+        match &self.phase {
+            Phase::Connecting { .. } => (0, 0),
+            Phase::Relay([up, down]) => (up.written, down.written),
+            Phase::Sockmap(s) => s.bytes(off),
+        }
+    }
+
+    pub fn plane(&self) -> PlaneKind {
+        match &self.phase {
+            Phase::Connecting { .. } => PlaneKind::Connecting,
+            Phase::Relay([up, _]) if up.is_splice() => PlaneKind::Splice,
+            Phase::Relay(_) => PlaneKind::Copy,
+            Phase::Sockmap(_) => PlaneKind::Sockmap,
+        }
+    }
+
+    /// Whether both directions are finished.
+    pub fn finished(&self) -> bool {
+        match &self.phase {
+            Phase::Connecting { .. } => false,
+            Phase::Relay([up, down]) => up.shut && down.shut,
+            Phase::Sockmap(s) => s.finished(),
+        }
+    }
+
+    /// Handles readiness of one side on the userspace planes. Returns an end when the
+    /// connection must be torn down.
+    pub fn relay_event(&mut self, side: Side, events: u32) -> Option<End> {
+        if events & epoll::HUP != 0 {
+            self.sock(side).hup = true;
+        }
+        let Phase::Relay(flows) = &mut self.phase else {
+            return None;
+        };
+        if events & epoll::ERR != 0 {
+            let fd = match side {
+                Side::Client => self.client.fd(),
+                Side::Upstream => self.upstream.fd(),
+            };
+            if let Ok(Some(_)) = socket::take_error(fd) {
+                return Some(reset_of(side));
+            }
+        }
+        let [up, down] = flows;
+        let (c, u) = (self.client.fd(), self.upstream.fd());
+        // Readable (or hung up: read returns what is left, then 0) -> pump out of this side;
+        // writable -> pump into it. Both flows are cheap to try when they cannot move.
+        let (from_side, to_side) = match side {
+            Side::Client => (&mut *up, &mut *down),
+            Side::Upstream => (&mut *down, &mut *up),
+        };
+        let (src, dst) = match side {
+            Side::Client => (c, u),
+            Side::Upstream => (u, c),
+        };
+        let mut progress = false;
+        if events & (epoll::IN | epoll::HUP | epoll::ERR) != 0 {
+            match from_side.pump(src, dst) {
+                Ok(p) => progress |= p,
+                Err(b) => return Some(broken_end(side, b)),
+            }
+        }
+        if events & epoll::OUT != 0 {
+            match to_side.pump(dst, src) {
+                Ok(p) => progress |= p,
+                Err(b) => return Some(broken_end(side.other(), b)),
+            }
+        }
+        if progress {
+            self.last_active = Instant::now();
+        }
+        None
+    }
+
+    /// The epoll masks the userspace planes need now: (client, upstream).
+    pub fn relay_masks(&self) -> (u32, u32) {
+        let Phase::Relay([up, down]) = &self.phase else {
+            return (0, 0);
+        };
+        let mask = |reads: &Flow, writes: &Flow| {
+            (if reads.wants_read() { epoll::IN } else { 0 })
+                | (if writes.wants_write() { epoll::OUT } else { 0 })
+        };
+        (mask(up, down), mask(down, up))
+    }
+}
+
+fn reset_of(side: Side) -> End {
+    match side {
+        Side::Client => End::ClientReset,
+        Side::Upstream => End::UpstreamReset,
+    }
+}
+
+/// Maps a broken flow whose source is `src_side` to the end it causes.
+fn broken_end(src_side: Side, broken: Broken) -> End {
+    match broken {
+        Broken::Src(_) => reset_of(src_side),
+        Broken::Dst(_) => reset_of(src_side.other()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connect failures map to the documented ends.
+    #[test]
+    fn connect_errors_are_classified() {
+        let end = |e| connect_end(&io::Error::from_raw_os_error(e));
+        assert_eq!(end(libc::ECONNREFUSED), End::Refused);
+        assert_eq!(end(libc::EHOSTUNREACH), End::Unreachable);
+        assert_eq!(end(libc::ENETUNREACH), End::Unreachable);
+        assert_eq!(end(libc::ETIMEDOUT), End::Timeout);
+        assert_eq!(end(libc::EACCES), End::Error);
+    }
+
+    /// Only abnormal ends reset the surviving side.
+    #[test]
+    fn which_ends_reset() {
+        assert!(End::ClientReset.resets() && End::UpstreamReset.resets() && End::Refused.resets());
+        assert!(!End::Done.resets() && !End::Timeout.resets() && !End::Idle.resets());
+    }
+
+    /// A broken flow blames the right side: a read failure is the source's reset, a write
+    /// failure the destination's.
+    #[test]
+    fn broken_flow_blames_the_right_side() {
+        let e = || io::Error::from_raw_os_error(libc::ECONNRESET);
+        assert_eq!(broken_end(Side::Client, Broken::Src(e())), End::ClientReset);
+        assert_eq!(
+            broken_end(Side::Client, Broken::Dst(e())),
+            End::UpstreamReset
+        );
+        assert_eq!(
+            broken_end(Side::Upstream, Broken::Src(e())),
+            End::UpstreamReset
+        );
+        assert_eq!(
+            broken_end(Side::Upstream, Broken::Dst(e())),
+            End::ClientReset
+        );
+    }
+}

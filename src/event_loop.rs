@@ -1,0 +1,700 @@
+//! The single-threaded readiness loop: accept until `WouldBlock`, dispatch epoll events to
+//! connections, run timers (connect and idle timeouts, sockmap accounting polls), back off when
+//! out of descriptors, and shut down cleanly on SIGINT/SIGTERM.
+//!
+//! Invariants: at most `--max-conns` connections are open (at the limit the listeners are taken
+//! out of epoll and new connections wait in the kernel backlog); nothing blocks; every timer is a
+//! deadline checked after each wakeup, so one slow connection never delays another.
+
+use crate::cli::{Config, ListenerKind};
+use crate::conn::{connect_end, Conn, End, Phase, PlaneKind, Side, Sock};
+use crate::offload::Offload;
+use crate::relay::Flow;
+use crate::sockmap::{self, Spliced};
+use crate::sys::{self, epoll, socket};
+use crate::{debug, error, info};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+const SIGNAL_TOKEN: u64 = u64::MAX;
+const LISTENER_FLAG: u64 = 1 << 63;
+/// Accepts per listener wakeup, so a connection storm cannot starve established traffic.
+const ACCEPT_BURST: usize = 64;
+/// How long to stop accepting after EMFILE/ENFILE.
+const FD_BACKOFF: Duration = Duration::from_millis(100);
+/// Connect and idle timeouts, and idle pipes, are checked this often.
+const SWEEP: Duration = Duration::from_millis(250);
+/// A splice pipe unused this long is closed (two descriptors and a few pages saved).
+const PIPE_IDLE: Duration = Duration::from_secs(1);
+/// Pipe capacity for the splice plane: the kernel's default of 16 pages.
+pub const PIPE_BYTES: usize = 16 * 4096;
+
+pub struct Listener {
+    pub fd: OwnedFd,
+    pub kind: ListenerKind,
+    pub addr: SocketAddr,
+}
+
+/// Binds one listener: `IPV6_V6ONLY` for IPv6 addresses, `IP_TRANSPARENT` for TPROXY.
+pub fn bind_listener(kind: ListenerKind, addr: SocketAddr) -> io::Result<Listener> {
+    let fd = socket::tcp_socket(&addr)?;
+    let s = fd.as_fd();
+    socket::set_int_opt(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if addr.is_ipv6() {
+        socket::set_int_opt(s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    if kind == ListenerKind::Tproxy {
+        match addr {
+            SocketAddr::V4(_) => socket::set_int_opt(s, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?,
+            SocketAddr::V6(_) => socket::set_int_opt(s, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?,
+        }
+    }
+    socket::bind(s, &addr)?;
+    socket::listen(s, libc::SOMAXCONN)?;
+    let addr = socket::local_addr(s)?;
+    Ok(Listener { fd, kind, addr })
+}
+
+/// The data plane new connections enter after connecting.
+pub enum Plane {
+    Copy,
+    Splice,
+    Sockmap(Offload),
+}
+
+#[derive(Default)]
+struct Stats {
+    total: u64,
+    fallbacks: u64,
+    /// Bytes of closed connections (up, down); open ones are added when printing.
+    closed_up: u64,
+    closed_down: u64,
+}
+
+struct Slot {
+    gen: u32,
+    conn: Option<Conn>,
+}
+
+pub struct Server {
+    ep: epoll::Epoll,
+    listeners: Vec<Listener>,
+    signals: OwnedFd,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    open: usize,
+    cfg: Config,
+    plane: Plane,
+    stats: Stats,
+    listening: bool,
+    backoff_until: Option<Instant>,
+    fd_starved_logged: bool,
+    next_id: u64,
+    /// Sockmap accounting polls: (when, connection token).
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    next_sweep: Instant,
+    stop: bool,
+}
+
+/// Generations wrap at 31 bits so a connection token never has `LISTENER_FLAG` set.
+const GEN_MASK: u32 = 0x7fff_ffff;
+
+fn conn_token(gen: u32, idx: usize, side: Side) -> u64 {
+    ((gen & GEN_MASK) as u64) << 32 | (idx as u64) << 1 | side as u64
+}
+
+fn split_token(token: u64) -> (u32, usize, Side) {
+    let side = if token & 1 == 0 {
+        Side::Client
+    } else {
+        Side::Upstream
+    };
+    (
+        (token >> 32) as u32,
+        ((token & 0xffff_ffff) >> 1) as usize,
+        side,
+    )
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+impl Server {
+    pub fn new(cfg: Config, listeners: Vec<Listener>, plane: Plane) -> io::Result<Server> {
+        let ep = epoll::Epoll::new(256)?;
+        let signals = sys::signalfd(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1])?;
+        ep.add(signals.as_fd(), SIGNAL_TOKEN, epoll::IN)?;
+        let mut server = Server {
+            ep,
+            listeners,
+            signals,
+            slots: Vec::new(),
+            free: Vec::new(),
+            open: 0,
+            cfg,
+            plane,
+            stats: Stats::default(),
+            listening: false,
+            backoff_until: None,
+            fd_starved_logged: false,
+            next_id: 1,
+            timers: BinaryHeap::new(),
+            next_sweep: Instant::now() + SWEEP,
+            stop: false,
+        };
+        server.set_listening(true)?;
+        Ok(server)
+    }
+
+    fn set_listening(&mut self, on: bool) -> io::Result<()> {
+        if self.listening == on {
+            return Ok(());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if on {
+                self.ep
+                    .add(l.fd.as_fd(), LISTENER_FLAG | i as u64, epoll::IN)?;
+            } else {
+                self.ep.delete(l.fd.as_fd())?;
+            }
+        }
+        self.listening = on;
+        Ok(())
+    }
+
+    /// Runs until SIGINT or SIGTERM; then closes listeners and connections.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Vec::new();
+        while !self.stop {
+            let timeout = self.timeout_ms();
+            self.ep.wait(&mut events, timeout)?;
+            for ev in events.iter() {
+                match ev.token {
+                    SIGNAL_TOKEN => self.on_signal()?,
+                    t if t & LISTENER_FLAG != 0 => self.on_accept((t & !LISTENER_FLAG) as usize),
+                    t => self.on_conn_event(t, ev.events),
+                }
+            }
+            self.run_timers();
+        }
+        self.listeners.clear();
+        for idx in 0..self.slots.len() {
+            if self.slots[idx].conn.is_some() {
+                self.finish(idx, End::Shutdown);
+            }
+        }
+        Ok(())
+    }
+
+    /// Milliseconds until the next deadline: a sockmap poll, the sweep, or the end of an
+    /// accept back-off.
+    fn timeout_ms(&self) -> i32 {
+        let now = Instant::now();
+        let mut next = self.next_sweep;
+        if let Some(Reverse((t, _))) = self.timers.peek() {
+            next = next.min(*t);
+        }
+        if let Some(t) = self.backoff_until {
+            next = next.min(t);
+        }
+        let wait = next.saturating_duration_since(now);
+        // Round up so a 0.3 ms deadline does not become a busy 0 ms wait.
+        (wait.as_micros().div_ceil(1000)).min(1000) as i32
+    }
+
+    fn on_signal(&mut self) -> io::Result<()> {
+        while let Some(sig) = sys::read_signal(self.signals.as_fd())? {
+            match sig as libc::c_int {
+                libc::SIGUSR1 => self.print_stats(),
+                _ => self.stop = true,
+            }
+        }
+        Ok(())
+    }
+
+    fn print_stats(&self) {
+        let (mut copy, mut splice, mut kernel) = (0, 0, 0);
+        let (mut up, mut down) = (self.stats.closed_up, self.stats.closed_down);
+        let off = self.offload();
+        for conn in self.slots.iter().filter_map(|s| s.conn.as_ref()) {
+            match conn.plane() {
+                PlaneKind::Copy => copy += 1,
+                PlaneKind::Splice => splice += 1,
+                PlaneKind::Sockmap => kernel += 1,
+                PlaneKind::Connecting => {}
+            }
+            let (u, d) = conn.bytes(off);
+            up += u;
+            down += d;
+        }
+        let map_entries = off.map_or(0, |o| o.entries());
+        crate::log::write(format_args!(
+            "stats open={} total={} copy={copy} splice={splice} sockmap={kernel} fallbacks={} bytes_up={up} bytes_down={down} map_entries={map_entries}",
+            self.open, self.stats.total, self.stats.fallbacks
+        ));
+    }
+
+    fn offload(&self) -> Option<&Offload> {
+        match &self.plane {
+            Plane::Sockmap(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    fn on_accept(&mut self, li: usize) {
+        for _ in 0..ACCEPT_BURST {
+            if self.open >= self.cfg.max_conns {
+                let _ = self.set_listening(false);
+                return;
+            }
+            let res = socket::accept(self.listeners[li].fd.as_fd());
+            match res {
+                Ok((fd, peer)) => {
+                    self.fd_starved_logged = false;
+                    self.start(li, fd, peer);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_fd_exhaustion(&e) => {
+                    self.starve(&e);
+                    return;
+                }
+                // The client gave up before we accepted it; try the next one.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
+                    ) => {}
+                Err(e) => {
+                    error!("accept on {}: {e}", self.listeners[li].addr);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of descriptors: stop accepting for a moment instead of spinning on EMFILE.
+    fn starve(&mut self, e: &io::Error) {
+        if !self.fd_starved_logged {
+            error!(
+                "out of file descriptors ({e}); pausing accepts, {} connections open",
+                self.open
+            );
+            self.fd_starved_logged = true;
+        }
+        let _ = self.set_listening(false);
+        self.backoff_until = Some(Instant::now() + FD_BACKOFF);
+    }
+
+    /// Finds the destination of a freshly accepted connection and starts the upstream connect.
+    fn start(&mut self, li: usize, client: OwnedFd, client_addr: SocketAddr) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.stats.total += 1;
+        let l = &self.listeners[li];
+        let dest = match l.kind {
+            ListenerKind::Redirect => socket::original_dst(client.as_fd(), l.addr.is_ipv6()),
+            ListenerKind::Tproxy => socket::local_addr(client.as_fd()),
+        };
+        let dest = match dest {
+            Ok(d) => d,
+            Err(e) => {
+                error!(
+                    "#{id} {client_addr} -> ?: no original destination ({e}); was it redirected?"
+                );
+                info!(
+                    "#{id} {client_addr} -> ? closed: up=0 down=0 time=0.000s plane=none end={}",
+                    End::NoDestination
+                );
+                return;
+            }
+        };
+        if self.is_loop(&dest, client.as_fd()) {
+            error!("#{id} {client_addr} -> {dest}: redirect loop (destination is a ksocks listener), refusing");
+            info!(
+                "#{id} {client_addr} -> {dest} closed: up=0 down=0 time=0.000s plane=none end={}",
+                End::Loop
+            );
+            let _ = socket::set_linger_zero(client.as_fd());
+            return;
+        }
+        let upstream = match self.connect(&dest) {
+            Ok(u) => u,
+            Err((e, fd_exhausted)) => {
+                let end = if fd_exhausted {
+                    End::Error
+                } else {
+                    connect_end(&e)
+                };
+                error!("#{id} {client_addr} -> {dest}: connect: {e}");
+                info!("#{id} {client_addr} -> {dest} closed: up=0 down=0 time=0.000s plane=none end={end}");
+                if end.resets() {
+                    let _ = socket::set_linger_zero(client.as_fd());
+                }
+                if fd_exhausted {
+                    self.starve(&e);
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let (upstream, connected) = upstream;
+        let conn = Conn {
+            id,
+            client: Sock::new(client),
+            upstream: Sock::new(upstream),
+            client_addr,
+            dest,
+            phase: Phase::Connecting {
+                deadline: now + self.cfg.connect_timeout,
+            },
+            started: now,
+            last_active: now,
+            seen_bytes: 0,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot { gen: 0, conn: None });
+                self.slots.len() - 1
+            }
+        };
+        self.slots[idx].conn = Some(conn);
+        self.open += 1;
+        let end = if connected { self.connected(idx) } else { None };
+        self.settle(idx, end);
+    }
+
+    /// A destination that is one of our own listeners would make the proxy connect to itself
+    /// for ever. With no NAT, SO_ORIGINAL_DST returns the listener address itself.
+    fn is_loop(&self, dest: &SocketAddr, client: std::os::fd::BorrowedFd) -> bool {
+        let local = socket::local_addr(client).ok();
+        if local.as_ref() == Some(dest) {
+            return true;
+        }
+        self.listeners.iter().any(|l| {
+            l.addr == *dest
+                || (l.addr.ip().is_unspecified()
+                    && l.addr.port() == dest.port()
+                    && local.map(|a| a.ip()) == Some(dest.ip()))
+        })
+    }
+
+    /// Creates the upstream socket and starts connecting. `Err((e, true))` means out of
+    /// descriptors.
+    fn connect(&self, dest: &SocketAddr) -> Result<(OwnedFd, bool), (io::Error, bool)> {
+        let fd = socket::tcp_socket(dest).map_err(|e| {
+            let starved = is_fd_exhaustion(&e);
+            (e, starved)
+        })?;
+        if let Some(mark) = self.cfg.mark {
+            socket::set_int_opt(
+                fd.as_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                mark as libc::c_int,
+            )
+            .map_err(|e| (e, false))?;
+        }
+        let connected = socket::connect(fd.as_fd(), dest).map_err(|e| (e, false))?;
+        Ok((fd, connected))
+    }
+
+    fn conn(&mut self, idx: usize) -> &mut Conn {
+        self.slots[idx]
+            .conn
+            .as_mut()
+            .expect("slot holds a connection")
+    }
+
+    /// The upstream connect finished: enter the data plane.
+    fn connected(&mut self, idx: usize) -> Option<End> {
+        let buffer = self.cfg.buffer_size;
+        let inflight = self.cfg.inflight_max;
+        let phase = match &self.plane {
+            Plane::Copy => Phase::Relay([Flow::copy(buffer), Flow::copy(buffer)]),
+            Plane::Splice => Phase::Relay([Flow::splice(PIPE_BYTES), Flow::splice(PIPE_BYTES)]),
+            Plane::Sockmap(off) => {
+                let conn = self.slots[idx]
+                    .conn
+                    .as_ref()
+                    .expect("slot holds a connection");
+                match Spliced::start(off, conn.client.fd(), conn.upstream.fd(), buffer, inflight) {
+                    Ok(s) => Phase::Sockmap(Box::new(s)),
+                    Err(reason) => {
+                        self.stats.fallbacks += 1;
+                        info!("#{} {} -> {}: sockmap unavailable for this connection ({reason}); using copy", conn.id, conn.client_addr, conn.dest);
+                        Phase::Relay([Flow::copy(buffer), Flow::copy(buffer)])
+                    }
+                }
+            }
+        };
+        let conn = self.conn(idx);
+        conn.phase = phase;
+        conn.last_active = Instant::now();
+        if let Phase::Sockmap(_) = conn.phase {
+            // Forward what already arrived and hand drained sources to the kernel.
+            return self.sockmap_step(idx, None);
+        }
+        None
+    }
+
+    /// Runs the sockmap state machine for an event (`Some((side, events))`) or a poll, and
+    /// queues its next poll.
+    fn sockmap_step(&mut self, idx: usize, event: Option<(Side, u32)>) -> Option<End> {
+        let token = conn_token(self.slots[idx].gen, idx, Side::Client);
+        let Plane::Sockmap(off) = &self.plane else {
+            unreachable!("sockmap connections need the sockmap plane")
+        };
+        let conn = self.slots[idx]
+            .conn
+            .as_mut()
+            .expect("slot holds a connection");
+        let now = Instant::now();
+        let res = match event {
+            Some((side, events)) => sockmap::on_event(conn, off, side, events),
+            None => sockmap::poll(conn, off, now),
+        };
+        if res.is_none() {
+            if let Phase::Sockmap(s) = &mut conn.phase {
+                if let Some(t) = s.next_poll() {
+                    self.timers.push(Reverse((t, token)));
+                }
+            }
+        }
+        res
+    }
+
+    fn on_conn_event(&mut self, token: u64, events: u32) {
+        let (gen, idx, side) = split_token(token);
+        match self.slots.get(idx) {
+            Some(slot) if slot.gen == gen && slot.conn.is_some() => {}
+            _ => return, // the connection was closed earlier in this batch
+        }
+        let end = match &mut self.conn(idx).phase {
+            Phase::Connecting { .. } => self.on_connecting(idx, side, events),
+            Phase::Relay(_) => self.conn(idx).relay_event(side, events),
+            Phase::Sockmap(_) => self.sockmap_step(idx, Some((side, events))),
+        };
+        self.settle(idx, end);
+    }
+
+    /// After an event or timer: finish the connection if it ended, else update epoll.
+    fn settle(&mut self, idx: usize, end: Option<End>) {
+        if let Some(end) = end {
+            self.finish(idx, end);
+        } else if self.conn(idx).finished() {
+            self.finish(idx, End::Done);
+        } else {
+            self.rewatch(idx);
+        }
+    }
+
+    fn on_connecting(&mut self, idx: usize, side: Side, events: u32) -> Option<End> {
+        let conn = self.conn(idx);
+        match side {
+            Side::Client if events & (epoll::ERR | epoll::HUP) != 0 => Some(End::ClientReset),
+            Side::Client => None,
+            Side::Upstream => match socket::take_error(conn.upstream.fd()) {
+                Ok(None) if events & (epoll::ERR | epoll::HUP) == 0 => self.connected(idx),
+                Ok(None) => Some(End::Error),
+                Ok(Some(e)) | Err(e) => {
+                    let end = connect_end(&e);
+                    error!(
+                        "#{} {} -> {}: connect: {e}",
+                        conn.id, conn.client_addr, conn.dest
+                    );
+                    Some(end)
+                }
+            },
+        }
+    }
+
+    /// Brings both sockets' epoll masks in line with what the connection waits for.
+    fn rewatch(&mut self, idx: usize) {
+        let gen = self.slots[idx].gen;
+        let conn = self.slots[idx]
+            .conn
+            .as_mut()
+            .expect("slot holds a connection");
+        let (cm, um) = match &conn.phase {
+            Phase::Connecting { .. } => (0, epoll::OUT),
+            Phase::Relay(_) => conn.relay_masks(),
+            Phase::Sockmap(s) => s.masks(),
+        };
+        let res = conn
+            .client
+            .watch(&self.ep, conn_token(gen, idx, Side::Client), cm)
+            .and_then(|_| {
+                conn.upstream
+                    .watch(&self.ep, conn_token(gen, idx, Side::Upstream), um)
+            });
+        if let Err(e) = res {
+            error!(
+                "#{} {} -> {}: epoll: {e}",
+                conn.id, conn.client_addr, conn.dest
+            );
+            self.finish(idx, End::Error);
+        }
+    }
+
+    /// Closes a connection, logs its close line, frees its slot and resumes accepting.
+    fn finish(&mut self, idx: usize, end: End) {
+        let slot = &mut self.slots[idx];
+        let Some(mut conn) = slot.conn.take() else {
+            return;
+        };
+        slot.gen = slot.gen.wrapping_add(1) & GEN_MASK;
+        self.free.push(idx);
+        self.open -= 1;
+        let off = match &self.plane {
+            Plane::Sockmap(o) => Some(o),
+            _ => None,
+        };
+        let (up, down) = conn.bytes(off);
+        self.stats.closed_up += up;
+        self.stats.closed_down += down;
+        let plane = conn.plane();
+        if let (Phase::Sockmap(s), Some(off)) = (&mut conn.phase, off) {
+            s.stop(off);
+        }
+        if end.resets() {
+            let _ = socket::set_linger_zero(conn.client.fd());
+            let _ = socket::set_linger_zero(conn.upstream.fd());
+        }
+        let secs = conn.started.elapsed().as_secs_f64();
+        info!(
+            "#{} {} -> {} closed: up={up} down={down} time={secs:.3}s plane={plane} end={end}",
+            conn.id, conn.client_addr, conn.dest
+        );
+        drop(conn);
+        if !self.listening
+            && self.backoff_until.is_none()
+            && self.open < self.cfg.max_conns
+            && !self.stop
+        {
+            let _ = self.set_listening(true);
+        }
+    }
+
+    fn run_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((t, token))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let (gen, idx, _) = split_token(token);
+            let live = matches!(self.slots.get(idx), Some(s) if s.gen == gen && s.conn.is_some());
+            if !live {
+                continue;
+            }
+            let conn = self.slots[idx]
+                .conn
+                .as_mut()
+                .expect("slot holds a connection");
+            let Phase::Sockmap(s) = &mut conn.phase else {
+                continue;
+            };
+            if !s.due(t) {
+                continue; // a stale entry: the poll was rescheduled
+            }
+            let res = self.sockmap_step(idx, None);
+            self.settle(idx, res);
+        }
+        if let Some(t) = self.backoff_until {
+            if now >= t {
+                self.backoff_until = None;
+                if self.open < self.cfg.max_conns {
+                    let _ = self.set_listening(true);
+                }
+            }
+        }
+        if now >= self.next_sweep {
+            self.next_sweep = now + SWEEP;
+            self.sweep(now);
+        }
+    }
+
+    /// Connect timeouts, idle timeouts and idle pipes.
+    fn sweep(&mut self, now: Instant) {
+        let idle = self.cfg.idle_timeout;
+        for idx in 0..self.slots.len() {
+            let off = match &self.plane {
+                Plane::Sockmap(o) => Some(o),
+                _ => None,
+            };
+            let Some(conn) = self.slots[idx].conn.as_mut() else {
+                continue;
+            };
+            let mut end = None;
+            match &mut conn.phase {
+                Phase::Connecting { deadline } if now >= *deadline => {
+                    error!(
+                        "#{} {} -> {}: connect: timed out after {}s",
+                        conn.id,
+                        conn.client_addr,
+                        conn.dest,
+                        self.cfg.connect_timeout.as_secs()
+                    );
+                    end = Some(End::Timeout);
+                }
+                Phase::Relay(flows) if now.duration_since(conn.last_active) >= PIPE_IDLE => {
+                    flows.iter_mut().for_each(Flow::release);
+                }
+                _ => {}
+            }
+            if let (Some(limit), None) = (idle, end) {
+                if let Phase::Sockmap(_) = conn.phase {
+                    let (u, d) = conn.bytes(off);
+                    if u + d != conn.seen_bytes {
+                        conn.seen_bytes = u + d;
+                        conn.last_active = now;
+                    }
+                }
+                if !matches!(conn.phase, Phase::Connecting { .. })
+                    && now.duration_since(conn.last_active) >= limit
+                {
+                    debug!(
+                        "#{} {} -> {}: idle for {}s, closing",
+                        conn.id,
+                        conn.client_addr,
+                        conn.dest,
+                        limit.as_secs()
+                    );
+                    end = Some(End::Idle);
+                }
+            }
+            if let Some(end) = end {
+                self.finish(idx, end);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tokens round-trip and keep sides and generations apart.
+    #[test]
+    fn token_round_trip() {
+        for (gen, idx, side) in [
+            (0, 0, Side::Client),
+            (7, 12345, Side::Upstream),
+            (GEN_MASK, (1 << 31) - 1, Side::Client),
+        ] {
+            let t = conn_token(gen, idx, side);
+            assert_eq!(t & LISTENER_FLAG, 0);
+            assert_ne!(t, SIGNAL_TOKEN);
+            assert_eq!(split_token(t), (gen, idx, side));
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The kernel data plane for one connection: both sockets in the BPF sockmap, bytes moved by the
+//! `sk_skb` programs, userspace only watching for the end and keeping the books.
+//!
+//! Each direction (src -> dst) is in one of these states:
+//! - `User`: src is not hooked; userspace copies src -> dst through a small buffer (data that
+//!   arrived before insertion, a kick, a paused source, or a socket the kernel refused).
+//! - `Kernel`: src is in the hook map; the verdict program redirects its bytes to dst.
+//! - `Unhooking`: src was taken out of the hook map (budget exceeded, or bytes stranded);
+//!   waiting until the bytes the kernel already took from src have all entered dst's send
+//!   queue, because only then may userspace write to dst without reordering.
+//! - `UserOnly`: like `User`, for good (re-insertion failed, e.g. src's FIN already arrived).
+//!
+//! The books (KERNEL-NOTES s.1, s.3, s.6), all from counters the kernel keeps:
+//! - `kern` = bytes the verdict program redirected from src (BPF `counters` map);
+//! - `pending` = `tcpi_bytes_received(src)` (minus 1 for a FIN) - bytes userspace read - `kern`:
+//!   bytes in src's receive queue nobody has processed yet;
+//! - `entered` = `tcpi_bytes_acked(dst)` + `SIOCOUTQ(dst)` - base: bytes that reached dst's
+//!   send queue since pairing; `queued` = userspace-written + `kern` - `entered`: bytes still in
+//!   dst's psock queue, which has no backpressure of its own.
+//!
+//! A FIN is passed on only when `pending == 0 && queued == 0`; `entered` above its maximum means
+//! the kernel duplicated bytes, which is reported loudly and the connection reset.
+
+use crate::conn::{Conn, End, Phase, Side};
+use crate::debug;
+use crate::offload::Offload;
+use crate::relay::Flow;
+use crate::sys::{epoll, socket};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    User,
+    Kernel,
+    Unhooking,
+    UserOnly,
+}
+
+/// Polls of an active direction happen at least this often...
+const POLL_MIN: Duration = Duration::from_millis(1);
+/// ...and of an idle one at most this rarely.
+const POLL_MAX: Duration = Duration::from_millis(250);
+/// A direction whose pending bytes have not moved for this many polls is stranded (the kernel
+/// only looks at its receive queue when a new packet arrives, KERNEL-NOTES s.3): kick it.
+const STUCK_POLLS: u8 = 2;
+
+struct Dir {
+    state: State,
+    /// The userspace path, also the byte counts of what userspace read and wrote.
+    flow: Flow,
+    /// `acked + outq` of dst at pairing, less what userspace had written to it by then.
+    base: u64,
+    /// src's FIN was seen (EPOLLRDHUP) while the kernel was moving its bytes.
+    fin: bool,
+    /// Last poll's `kern` and `pending`, to see progress.
+    last_kern: u64,
+    last_pending: u64,
+    stuck: u8,
+    interval: Duration,
+    next_poll: Option<Instant>,
+}
+
+pub struct Spliced {
+    cookies: [u64; 2],
+    /// [client -> upstream, upstream -> client].
+    dirs: [Dir; 2],
+    inflight_max: u64,
+    /// The poll the event loop has queued for this connection.
+    scheduled: Option<Instant>,
+    stopped: bool,
+}
+
+/// Sides in direction order: index 0 is client -> upstream.
+fn src_of(dir: usize) -> Side {
+    if dir == 0 {
+        Side::Client
+    } else {
+        Side::Upstream
+    }
+}
+
+fn dir_from(side: Side) -> usize {
+    side as usize
+}
+
+impl Spliced {
+    /// Pairs the two sockets in the redirect map; the directions start in userspace and move
+    /// to the kernel once each source is drained. `Err` is the reason this connection falls
+    /// back to the copy plane.
+    pub fn start(
+        off: &Offload,
+        client: BorrowedFd,
+        upstream: BorrowedFd,
+        buffer: usize,
+        inflight_max: u64,
+    ) -> Result<Spliced, String> {
+        let cookie = |fd| socket::socket_cookie(fd).map_err(|e| format!("SO_COOKIE: {e}"));
+        let cookies = [cookie(client)?, cookie(upstream)?];
+        let base = |dst| -> Result<u64, String> {
+            let b = socket::tcp_bytes(dst).map_err(|e| format!("TCP_INFO: {e}"))?;
+            Ok(b.acked + socket::outq(dst).map_err(|e| format!("SIOCOUTQ: {e}"))? as u64)
+        };
+        let bases = [base(upstream)?, base(client)?];
+        off.pair(client, cookies[0], upstream, cookies[1])
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::E2BIG) => "sockmap full".to_string(),
+                Some(libc::EOPNOTSUPP) => {
+                    "socket not supported by sockmap (closing, or MPTCP)".to_string()
+                }
+                _ => format!("sockmap insert: {e}"),
+            })?;
+        let dir = |base| Dir {
+            state: State::User,
+            flow: Flow::copy(buffer),
+            base,
+            fin: false,
+            last_kern: 0,
+            last_pending: 0,
+            stuck: 0,
+            interval: POLL_MIN,
+            next_poll: None,
+        };
+        Ok(Spliced {
+            cookies,
+            dirs: [dir(bases[0]), dir(bases[1])],
+            inflight_max,
+            scheduled: None,
+            stopped: false,
+        })
+    }
+
+    pub fn bytes(&self, off: Option<&Offload>) -> (u64, u64) {
+        let kern = |i: usize| {
+            if self.stopped {
+                0
+            } else {
+                off.map_or(0, |o| o.forwarded(self.cookies[i]))
+            }
+        };
+        (
+            self.dirs[0].flow.written + kern(0),
+            self.dirs[1].flow.written + kern(1),
+        )
+    }
+
+    pub fn finished(&self) -> bool {
+        self.dirs.iter().all(|d| d.flow.shut)
+    }
+
+    /// Epoll masks (client, upstream): a hooked source is watched for RDHUP only (EPOLLIN stays
+    /// set for ever on hooked sockets, KERNEL-NOTES s.3); userspace directions as usual.
+    pub fn masks(&self) -> (u32, u32) {
+        let mut m = [0u32; 2];
+        for (i, d) in self.dirs.iter().enumerate() {
+            let (src, dst) = (i, 1 - i);
+            match d.state {
+                State::Kernel if !d.fin && !d.flow.shut => m[src] |= epoll::RDHUP,
+                State::User | State::UserOnly => {
+                    if d.flow.wants_read() {
+                        m[src] |= epoll::IN;
+                    }
+                    if d.flow.wants_write() {
+                        m[dst] |= epoll::OUT;
+                    }
+                }
+                _ => {}
+            }
+        }
+        (m[0], m[1])
+    }
+
+    /// Takes both sockets out of the maps; called once, just before they are closed.
+    pub fn stop(&mut self, off: &Offload) {
+        for c in self.cookies {
+            let _ = off.unhook(c);
+        }
+        off.unpair(self.cookies[0], self.cookies[1]);
+        self.stopped = true;
+    }
+
+    /// Whether the queued poll at `t` is the current one (the heap keeps stale entries).
+    pub fn due(&mut self, t: Instant) -> bool {
+        if self.scheduled == Some(t) {
+            self.scheduled = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next poll to queue, if it is earlier than the one already queued.
+    pub fn next_poll(&mut self) -> Option<Instant> {
+        let want = self.dirs.iter().filter_map(|d| d.next_poll).min()?;
+        match self.scheduled {
+            Some(s) if s <= want => None,
+            _ => {
+                self.scheduled = Some(want);
+                Some(want)
+            }
+        }
+    }
+}
+
+fn reset_of(side: Side) -> End {
+    match side {
+        Side::Client => End::ClientReset,
+        Side::Upstream => End::UpstreamReset,
+    }
+}
+
+/// Readiness on one socket of a sockmap connection.
+pub fn on_event(conn: &mut Conn, off: &Offload, side: Side, events: u32) -> Option<End> {
+    if events & epoll::ERR != 0 {
+        let fd = conn.sock(side).fd();
+        if let Ok(Some(_)) = socket::take_error(fd) {
+            return Some(reset_of(side));
+        }
+    }
+    if events & epoll::HUP != 0 {
+        conn.sock(side).hup = true;
+    }
+    let d = dir_from(side);
+    if let Phase::Sockmap(s) = &mut conn.phase {
+        if events & epoll::RDHUP != 0 && s.dirs[d].state == State::Kernel {
+            s.dirs[d].fin = true;
+        }
+    }
+    // Userspace directions move on readability of their source or writability of their dest.
+    progress(conn, off, Instant::now())
+}
+
+/// A timer poll: check the books of every direction.
+pub fn poll(conn: &mut Conn, off: &Offload, now: Instant) -> Option<End> {
+    progress(conn, off, now)
+}
+
+/// Advances both directions as far as they can go now.
+fn progress(conn: &mut Conn, off: &Offload, now: Instant) -> Option<End> {
+    let (c, u) = (conn.client.fd.as_fd(), conn.upstream.fd.as_fd());
+    let Phase::Sockmap(s) = &mut conn.phase else {
+        return None;
+    };
+    for d in 0..2 {
+        let (src, dst) = if d == 0 { (c, u) } else { (u, c) };
+        if let Err(end) = advance(conn.id, s, off, d, src, dst, now) {
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The kernel's view of one direction.
+struct Books {
+    /// Data bytes src received (its FIN not counted).
+    received: u64,
+    src_fin: bool,
+    kern: u64,
+    entered: u64,
+}
+
+fn books(
+    off: &Offload,
+    src: BorrowedFd,
+    dst: BorrowedFd,
+    cookie: u64,
+    base: u64,
+) -> io::Result<Books> {
+    let s = socket::tcp_bytes(src)?;
+    let d = socket::tcp_bytes(dst)?;
+    let outq = socket::outq(dst)? as u64;
+    // A received FIN counts one in bytes_received.
+    let src_fin = socket::tcp_state::fin_received(s.state);
+    Ok(Books {
+        received: s.received - src_fin as u64,
+        src_fin,
+        kern: off.forwarded(cookie),
+        entered: (d.acked + outq).wrapping_sub(base),
+    })
+}
+
+fn advance(
+    id: u64,
+    s: &mut Spliced,
+    off: &Offload,
+    d: usize,
+    src: BorrowedFd,
+    dst: BorrowedFd,
+    now: Instant,
+) -> Result<(), End> {
+    let cookie = s.cookies[d];
+    let inflight_max = s.inflight_max;
+    let dir = &mut s.dirs[d];
+    dir.next_poll = None;
+    if dir.flow.shut {
+        return Ok(());
+    }
+    let src_side = src_of(d);
+    loop {
+        match dir.state {
+            State::User | State::UserOnly => {
+                dir.flow.pump(src, dst).map_err(|b| match b {
+                    crate::relay::Broken::Src(_) => reset_of(src_side),
+                    crate::relay::Broken::Dst(_) => reset_of(src_side.other()),
+                })?;
+                let idle = dir.flow.pending() == 0 && dir.flow.drained && !dir.flow.eof;
+                if dir.state == State::UserOnly || !idle {
+                    return Ok(());
+                }
+                // Drained to EAGAIN with nothing held: hand src to the kernel (reading part
+                // of an skb and then inserting duplicates it, KERNEL-NOTES s.3).
+                match off.hook(src, cookie) {
+                    Ok(()) => {
+                        dir.state = State::Kernel;
+                        dir.stuck = 0;
+                        dir.interval = POLL_MIN;
+                        dir.next_poll = Some(now + POLL_MIN);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        debug!("#{id}: {} -> {}: kernel refused the socket ({e}); finishing in userspace", src_side_name(d), dst_side_name(d));
+                        dir.state = State::UserOnly;
+                        return Ok(());
+                    }
+                }
+            }
+            State::Kernel | State::Unhooking => {
+                let b = books(off, src, dst, cookie, dir.base).map_err(|_| End::Error)?;
+                let given = dir.flow.written + b.kern;
+                if b.entered > given || dir.flow.read + b.kern > b.received {
+                    crate::error!(
+                        "#{id}: kernel byte accounting broken ({} -> {}: received {} read {} redirected {} entered {} of {}); resetting",
+                        src_side_name(d), dst_side_name(d), b.received, dir.flow.read, b.kern, b.entered, given
+                    );
+                    return Err(End::Error);
+                }
+                let pending = b.received - dir.flow.read - b.kern;
+                let queued = given - b.entered;
+                let fin = dir.fin || b.src_fin;
+                if dir.state == State::Unhooking {
+                    if queued > 0 {
+                        dir.next_poll =
+                            Some(now + POLL_MIN.max(dir.interval.min(Duration::from_millis(20))));
+                        dir.interval = (dir.interval * 2).min(Duration::from_millis(20));
+                        return Ok(());
+                    }
+                    dir.state = State::User; // safe to write dst from userspace now
+                    continue;
+                }
+                if fin && pending == 0 && queued == 0 {
+                    dir.flow.shut = true;
+                    if let Err(e) = socket::shutdown_write(dst) {
+                        if e.raw_os_error() != Some(libc::ENOTCONN) {
+                            return Err(reset_of(src_side.other()));
+                        }
+                    }
+                    return Ok(());
+                }
+                let moved = b.kern != dir.last_kern;
+                dir.stuck = if pending > 0 && !moved && pending == dir.last_pending {
+                    dir.stuck + 1
+                } else {
+                    0
+                };
+                let rate_interval = if moved {
+                    // Poll often enough that the source cannot overfill half the budget.
+                    let dt = dir.interval.as_secs_f64().max(1e-3);
+                    let rate = (b.kern - dir.last_kern) as f64 / dt;
+                    Duration::from_secs_f64(
+                        (inflight_max as f64 / 2.0 / rate).clamp(1e-3, POLL_MAX.as_secs_f64()),
+                    )
+                } else {
+                    (dir.interval * 2).min(POLL_MAX)
+                };
+                dir.last_kern = b.kern;
+                dir.last_pending = pending;
+                if dir.stuck >= STUCK_POLLS || queued > inflight_max {
+                    if queued > inflight_max {
+                        debug!(
+                            "#{id}: {} -> {}: {queued} bytes in flight, pausing the source",
+                            src_side_name(d),
+                            dst_side_name(d)
+                        );
+                    }
+                    let _ = off.unhook(cookie);
+                    dir.state = State::Unhooking;
+                    dir.stuck = 0;
+                    dir.interval = POLL_MIN;
+                    continue;
+                }
+                dir.interval = if pending > 0 || fin {
+                    POLL_MIN
+                } else {
+                    rate_interval
+                };
+                dir.next_poll = Some(now + dir.interval);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn src_side_name(d: usize) -> &'static str {
+    if d == 0 {
+        "client"
+    } else {
+        "upstream"
+    }
+}
+
+fn dst_side_name(d: usize) -> &'static str {
+    src_side_name(1 - d)
+}

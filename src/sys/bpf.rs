@@ -1,0 +1,1 @@
+//! placeholder: the bpf() commands arrive with the kernel data plane.

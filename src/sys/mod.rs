@@ -1,0 +1,201 @@
+//! The only module that contains `unsafe`: thin wrappers over the Linux syscalls ksocks makes.
+//!
+//! Invariant: every file descriptor is an `OwnedFd` from the moment the kernel returns it and is
+//! lent out as `BorrowedFd`; every `unsafe` block wraps exactly one call and says why it is sound.
+//! Callers above this module never see raw pointers.
+
+pub mod bpf;
+pub mod epoll;
+pub mod socket;
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Calls a `libc` function and turns the C convention (`-1` and `errno`) into `io::Result`.
+/// The call site must be inside an `unsafe` block with a `// SAFETY:` comment.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        let res = libc::$fn($($arg),*);
+        if res == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+pub(crate) use syscall;
+
+/// Wraps a descriptor the kernel just returned.
+fn owned(fd: libc::c_int) -> OwnedFd {
+    // SAFETY: `fd` was just returned by a successful syscall and is owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `SIGPIPE` would kill the process on a write to a reset socket; we want `EPIPE` instead.
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN for SIGPIPE has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// Blocks `signals` for the process and returns a non-blocking signalfd that reports them.
+pub fn signalfd(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
+    // SAFETY: an all-zero sigset_t is a valid value that sigemptyset then initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable sigset_t.
+    unsafe { syscall!(sigemptyset(&mut set))? };
+    for &sig in signals {
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid signal number.
+        unsafe { syscall!(sigaddset(&mut set, sig))? };
+    }
+    // SAFETY: `set` is initialised; the old mask is not requested (null).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = unsafe { syscall!(signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC))? };
+    Ok(owned(fd))
+}
+
+/// Reads one pending signal number from a signalfd, `None` when there is none.
+pub fn read_signal(fd: BorrowedFd) -> io::Result<Option<u32>> {
+    // SAFETY: signalfd_siginfo is plain old data; all-zero is a valid value.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is a writable buffer of exactly `size` bytes.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    match n {
+        -1 => {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(err)
+            }
+        }
+        n if n as usize == size => Ok(Some(info.ssi_signo)),
+        _ => Ok(None),
+    }
+}
+
+/// Raises a resource limit's soft value to its hard value; returns the new soft value.
+pub fn raise_rlimit(resource: RlimitResource) -> io::Result<u64> {
+    let res = match resource {
+        RlimitResource::Nofile => libc::RLIMIT_NOFILE,
+        RlimitResource::Memlock => libc::RLIMIT_MEMLOCK,
+    };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    unsafe { syscall!(getrlimit(res, &mut lim))? };
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit whose soft value does not exceed the hard one.
+        unsafe { syscall!(setrlimit(res, &lim))? };
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
+/// Sets a resource limit (soft and hard) to infinity; used for RLIMIT_MEMLOCK on kernels that
+/// still charge BPF maps against it (before 5.11).
+pub fn unlimit(resource: RlimitResource) -> io::Result<()> {
+    let res = match resource {
+        RlimitResource::Nofile => libc::RLIMIT_NOFILE,
+        RlimitResource::Memlock => libc::RLIMIT_MEMLOCK,
+    };
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: `lim` is a valid rlimit.
+    unsafe { syscall!(setrlimit(res, &lim))? };
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum RlimitResource {
+    Nofile,
+    Memlock,
+}
+
+/// A pipe pair, both ends non-blocking, for `splice(2)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints.
+    unsafe { syscall!(pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC))? };
+    Ok((owned(fds[0]), owned(fds[1])))
+}
+
+/// Sets a pipe's capacity (`F_SETPIPE_SZ`); the kernel rounds up to a power-of-two pages.
+pub fn set_pipe_size(fd: BorrowedFd, bytes: usize) -> io::Result<()> {
+    // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
+    unsafe {
+        syscall!(fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            bytes as libc::c_int
+        ))?
+    };
+    Ok(())
+}
+
+/// Moves up to `len` bytes from `from` to `to` inside the kernel without blocking.
+pub fn splice(from: BorrowedFd, to: BorrowedFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    let null = std::ptr::null_mut();
+    // SAFETY: null offsets are allowed for pipes and sockets; no memory of ours is passed.
+    let n = unsafe { libc::splice(from.as_raw_fd(), null, to.as_raw_fd(), null, len, flags) };
+    if n == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Bytes waiting to be read in a pipe or socket (`FIONREAD`).
+pub fn readable_bytes(fd: BorrowedFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given.
+    unsafe { syscall!(ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n))? };
+    Ok(n.max(0) as usize)
+}
+
+/// The user and group to drop to with `--user`.
+pub struct Account {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+}
+
+/// Looks up a user name in the password database.
+pub fn lookup_user(name: &str) -> io::Result<Option<Account>> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `cname` is a valid NUL-terminated string; the result is read before any other
+    // getpw* call can overwrite it (single-threaded at start-up).
+    let pw = unsafe { libc::getpwnam(cname.as_ptr()) };
+    if pw.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: `pw` is non-null and points to libc's static passwd record.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    Ok(Some(Account { uid, gid }))
+}
+
+/// Drops to `account`: supplementary groups cleared, then gid, then uid. Leaving uid 0 clears
+/// every capability (no `PR_SET_KEEPCAPS`), which is what `--user` promises.
+pub fn drop_privileges(account: &Account) -> io::Result<()> {
+    // SAFETY: an empty group list with a null pointer is allowed.
+    unsafe { syscall!(setgroups(0, std::ptr::null()))? };
+    // SAFETY: plain integer argument.
+    unsafe { syscall!(setgid(account.gid))? };
+    // SAFETY: plain integer argument.
+    unsafe { syscall!(setuid(account.uid))? };
+    Ok(())
+}
