@@ -288,6 +288,96 @@ fn broken_end(src_side: Side, broken: Broken) -> End {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    fn tcp_pair() -> (OwnedFd, OwnedFd) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a.into(), b.into())
+    }
+
+    fn relay_conn(client: OwnedFd, upstream: OwnedFd) -> Conn {
+        let now = Instant::now();
+        Conn {
+            id: 1,
+            client: Sock::new(client),
+            upstream: Sock::new(upstream),
+            client_addr: "127.0.0.1:1".parse().unwrap(),
+            dest: "127.0.0.1:2".parse().unwrap(),
+            phase: Phase::Relay([Flow::copy(1024), Flow::copy(1024)]),
+            started: now,
+            last_active: now,
+            seen_bytes: 0,
+        }
+    }
+
+    /// A fresh relay reads both sides and writes neither; after a client FIN is passed on the
+    /// client is no longer read, and the connection is finished only when both directions are.
+    #[test]
+    fn relay_transitions() {
+        let (peer_c, client) = tcp_pair();
+        let (upstream, peer_u) = tcp_pair();
+        let mut conn = relay_conn(client, upstream);
+        assert_eq!(conn.relay_masks(), (epoll::IN, epoll::IN));
+        assert_eq!(conn.plane(), PlaneKind::Copy);
+        socket::send(peer_c.as_fd(), b"hello").unwrap();
+        socket::shutdown_write(peer_c.as_fd()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(conn.relay_event(Side::Client, epoll::IN), None);
+        assert_eq!(
+            conn.relay_masks(),
+            (0, epoll::IN),
+            "client EOF passed on: only upstream is read"
+        );
+        assert!(!conn.finished());
+        let mut buf = [0u8; 16];
+        assert_eq!(socket::recv(peer_u.as_fd(), &mut buf).unwrap(), 5);
+        socket::shutdown_write(peer_u.as_fd()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(conn.relay_event(Side::Upstream, epoll::IN), None);
+        assert!(conn.finished());
+        assert_eq!(conn.bytes(None), (5, 0));
+    }
+
+    /// A reset from the upstream is reported as such, so the client gets a reset too.
+    #[test]
+    fn relay_reports_upstream_reset() {
+        let (_peer_c, client) = tcp_pair();
+        let (upstream, peer_u) = tcp_pair();
+        let mut conn = relay_conn(client, upstream);
+        socket::set_linger_zero(peer_u.as_fd()).unwrap();
+        drop(peer_u);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            conn.relay_event(Side::Upstream, epoll::IN | epoll::ERR),
+            Some(End::UpstreamReset)
+        );
+    }
+
+    /// Registration follows the mask, and a hung-up socket with nothing to wait for leaves
+    /// epoll (level-triggered EPOLLHUP would otherwise spin the loop).
+    #[test]
+    fn watch_registers_and_leaves_on_hup() {
+        let ep = epoll::Epoll::new(8).unwrap();
+        let (a, _b) = tcp_pair();
+        let mut s = Sock::new(a);
+        s.watch(&ep, 1, 0).unwrap();
+        assert_eq!(
+            s.registered,
+            Some(0),
+            "registered with no interest still reports errors"
+        );
+        s.watch(&ep, 1, epoll::IN).unwrap();
+        assert_eq!(s.registered, Some(epoll::IN));
+        s.hup = true;
+        s.watch(&ep, 1, 0).unwrap();
+        assert_eq!(s.registered, None);
+        s.watch(&ep, 1, epoll::OUT).unwrap();
+        assert_eq!(s.registered, Some(epoll::OUT));
+    }
 
     /// Connect failures map to the documented ends.
     #[test]

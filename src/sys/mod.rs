@@ -101,6 +101,7 @@ pub fn raise_rlimit(resource: RlimitResource) -> io::Result<u64> {
         // SAFETY: `lim` is a valid rlimit whose soft value does not exceed the hard one.
         unsafe { syscall!(setrlimit(res, &lim))? };
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on some 32-bit targets
     Ok(lim.rlim_cur as u64)
 }
 
