@@ -3,7 +3,7 @@
 use ksocks::cli::{self, Command, Config, Dataplane};
 use ksocks::event_loop::{self, Plane, Server};
 use ksocks::offload::Offload;
-use ksocks::sys::{self, RlimitResource};
+use ksocks::sys;
 use ksocks::{error, info};
 use std::process::ExitCode;
 
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 fn run(cfg: Config) -> Result<(), String> {
     ksocks::log::set_level(cfg.verbosity);
     sys::ignore_sigpipe();
-    match sys::raise_rlimit(RlimitResource::Nofile) {
+    match sys::raise_nofile() {
         Ok(n) => info!("file descriptor limit: {n}"),
         Err(e) => error!("cannot raise the file descriptor limit: {e}"),
     }

@@ -57,6 +57,7 @@ struct Dir {
     /// Last poll's `kern` and `pending`, to see progress.
     last_kern: u64,
     last_pending: u64,
+    last_poll: Instant,
     stuck: u8,
     interval: Duration,
     next_poll: Option<Instant>,
@@ -118,6 +119,7 @@ impl Spliced {
             fin: false,
             last_kern: 0,
             last_pending: 0,
+            last_poll: Instant::now(),
             stuck: 0,
             interval: POLL_MIN,
             next_poll: None,
@@ -313,6 +315,7 @@ fn advance(
                 match off.hook(src, cookie) {
                     Ok(()) => {
                         dir.state = State::Kernel;
+                        dir.last_poll = now;
                         dir.stuck = 0;
                         dir.interval = POLL_MIN;
                         dir.next_poll = Some(now + POLL_MIN);
@@ -365,7 +368,7 @@ fn advance(
                 };
                 let rate_interval = if moved {
                     // Poll often enough that the source cannot overfill half the budget.
-                    let dt = dir.interval.as_secs_f64().max(1e-3);
+                    let dt = now.duration_since(dir.last_poll).as_secs_f64().max(1e-4);
                     let rate = (b.kern - dir.last_kern) as f64 / dt;
                     Duration::from_secs_f64(
                         (inflight_max as f64 / 2.0 / rate).clamp(1e-3, POLL_MAX.as_secs_f64()),
@@ -375,6 +378,7 @@ fn advance(
                 };
                 dir.last_kern = b.kern;
                 dir.last_pending = pending;
+                dir.last_poll = now;
                 if dir.stuck >= STUCK_POLLS || queued > inflight_max {
                     if queued > inflight_max {
                         debug!(

@@ -84,47 +84,18 @@ pub fn read_signal(fd: BorrowedFd) -> io::Result<Option<u32>> {
     }
 }
 
-/// Raises a resource limit's soft value to its hard value; returns the new soft value.
-pub fn raise_rlimit(resource: RlimitResource) -> io::Result<u64> {
-    let res = match resource {
-        RlimitResource::Nofile => libc::RLIMIT_NOFILE,
-        RlimitResource::Memlock => libc::RLIMIT_MEMLOCK,
-    };
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+/// Raises `RLIMIT_NOFILE`'s soft value to its hard value; returns the new soft value.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `lim` is a valid, writable rlimit.
-    unsafe { syscall!(getrlimit(res, &mut lim))? };
+    unsafe { syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))? };
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: `lim` is a valid rlimit whose soft value does not exceed the hard one.
-        unsafe { syscall!(setrlimit(res, &lim))? };
+        unsafe { syscall!(setrlimit(libc::RLIMIT_NOFILE, &lim))? };
     }
     #[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on some 32-bit targets
     Ok(lim.rlim_cur as u64)
-}
-
-/// Sets a resource limit (soft and hard) to infinity; used for RLIMIT_MEMLOCK on kernels that
-/// still charge BPF maps against it (before 5.11).
-pub fn unlimit(resource: RlimitResource) -> io::Result<()> {
-    let res = match resource {
-        RlimitResource::Nofile => libc::RLIMIT_NOFILE,
-        RlimitResource::Memlock => libc::RLIMIT_MEMLOCK,
-    };
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: `lim` is a valid rlimit.
-    unsafe { syscall!(setrlimit(res, &lim))? };
-    Ok(())
-}
-
-#[derive(Clone, Copy, Debug)]
-pub enum RlimitResource {
-    Nofile,
-    Memlock,
 }
 
 /// A pipe pair, both ends non-blocking, for `splice(2)`.
