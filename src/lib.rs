@@ -13,6 +13,9 @@ pub mod conn;
 pub mod event_loop;
 pub mod offload;
 pub mod relay;
+pub mod shadowsocks;
 pub mod sockmap;
+pub mod socks5;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod upstream;

@@ -326,7 +326,9 @@ impl Offload {
         deadline: Instant,
     ) -> Result<(), String> {
         loop {
-            let received = socket::tcp_bytes(src.as_fd()).map_err(ctx("TCP_INFO"))?.received;
+            let received = socket::tcp_bytes(src.as_fd())
+                .map_err(ctx("TCP_INFO"))?
+                .received;
             let sent = send_path(dst)
                 .map_err(ctx("TCP_INFO"))?
                 .saturating_sub(dst_base);

@@ -6,9 +6,9 @@
 //! remembers the key and value sizes so that the kernel never reads or writes past a
 //! caller's buffer.
 
+use super::syscall;
 use std::ffi::CStr;
 use std::fmt;
-use super::syscall;
 use std::io;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

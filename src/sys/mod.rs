@@ -86,7 +86,10 @@ pub fn read_signal(fd: BorrowedFd) -> io::Result<Option<u32>> {
 
 /// Raises `RLIMIT_NOFILE`'s soft value to its hard value; returns the new soft value.
 pub fn raise_nofile() -> io::Result<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid, writable rlimit.
     unsafe { syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))? };
     if lim.rlim_cur < lim.rlim_max {

@@ -306,13 +306,28 @@ pub fn tcp_bytes(fd: BorrowedFd) -> io::Result<TcpBytes> {
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     let ptr = (&mut info as *mut libc::tcp_info).cast();
     // SAFETY: `info` is a writable buffer of `len` bytes.
-    unsafe { syscall!(getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, ptr, &mut len))? };
+    unsafe {
+        syscall!(getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            ptr,
+            &mut len
+        ))?
+    };
     // Older kernels fill a shorter prefix of the struct.
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + size_of::<u64>();
     if (len as usize) < needed {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO lacks tcpi_bytes_received (needs Linux >= 4.6)"));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TCP_INFO lacks tcpi_bytes_received (needs Linux >= 4.6)",
+        ));
     }
-    Ok(TcpBytes { received: info.tcpi_bytes_received, acked: info.tcpi_bytes_acked, state: info.tcpi_state })
+    Ok(TcpBytes {
+        received: info.tcpi_bytes_received,
+        acked: info.tcpi_bytes_acked,
+        state: info.tcpi_state,
+    })
 }
 
 /// Bytes in the send queue not yet acknowledged by the peer (`SIOCOUTQ`).
