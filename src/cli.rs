@@ -2,6 +2,8 @@
 //!
 //! Every flag is listed in `HELP`; anything else is an error, never silently ignored.
 
+use crate::handshake::Credential;
+use crate::upstream::{self, Upstream};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,6 +19,21 @@ Listeners (each repeatable):
                              An IPv6 ADDR is IPv6-only: use -r 0.0.0.0:P -r [::]:P for both.
   -t, --tproxy ADDR          accept connections diverted by TPROXY (IP_TRANSPARENT);
                              the destination is the accepted socket's local address.
+  -s, --socks ADDR           a SOCKS5 server (RFC 1928, CONNECT only)
+
+SOCKS5 server:
+      --socks-auth USER:PASS require RFC 1929 username/password (repeatable); without it
+                             no authentication is asked (warned about off loopback)
+      --socks-auth-file PATH the same, one USER:PASS per line (keeps secrets out of ps)
+      --handshake-timeout SECS  close clients that do not finish the handshake (default 10)
+
+Upstream:
+  -u, --upstream URL         where connections go (default direct):
+                               direct
+                               socks5://[USER:PASS@]HOST:PORT
+                               ss://none@HOST:PORT or ss://BASE64URL(none:PASSWORD)@HOST:PORT
+                             (shadowsocks without encryption: only unencrypted streams can be
+                             spliced in the kernel). HOST is an IP address ([v6] in brackets).
 
 Data plane:
       --dataplane MODE       auto | sockmap | splice | copy (default auto: the first that
@@ -45,6 +62,7 @@ Signals: SIGUSR1 prints a stats line; SIGINT/SIGTERM close everything and exit 0
 pub enum ListenerKind {
     Redirect,
     Tproxy,
+    Socks,
 }
 
 impl fmt::Display for ListenerKind {
@@ -52,6 +70,7 @@ impl fmt::Display for ListenerKind {
         f.write_str(match self {
             ListenerKind::Redirect => "redirect",
             ListenerKind::Tproxy => "tproxy",
+            ListenerKind::Socks => "socks",
         })
     }
 }
@@ -89,9 +108,38 @@ pub struct Config {
     pub user: Option<String>,
     /// See `log`: -1 quiet, 0 default, 1 and more verbose.
     pub verbosity: i8,
+    /// `--socks-auth` credentials; empty means no authentication.
+    pub socks_auth: Vec<Credential>,
+    pub handshake_timeout: Duration,
+    pub upstream: Upstream,
+}
+
+/// Parses one `USER:PASS` (split at the first colon; both non-empty, at most 255 bytes).
+pub fn parse_credential(text: &str) -> Result<Credential, CliError> {
+    match text.split_once(':') {
+        Some((u, p)) if (1..=255).contains(&u.len()) && (1..=255).contains(&p.len()) => {
+            Ok((u.as_bytes().to_vec(), p.as_bytes().to_vec()))
+        }
+        _ => Err(CliError(
+            "--socks-auth: expected USER:PASS, each 1 to 255 bytes".into(),
+        )),
+    }
+}
+
+/// Reads `--socks-auth-file`: one `USER:PASS` per line; blank lines and `#` comments skipped.
+fn read_credentials(path: &str) -> Result<Vec<Credential>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError(format!("--socks-auth-file {path}: {e}")))?;
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(parse_credential)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError(format!("--socks-auth-file {path}: {}", e.0)))
 }
 
 #[derive(Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // made once per process
 pub enum Command {
     Run(Config),
     Help,
@@ -146,6 +194,9 @@ where
     let mut inflight_max = 4 << 20;
     let mut user = None;
     let mut verbosity: i8 = 0;
+    let mut socks_auth = Vec::new();
+    let mut handshake_timeout = 10;
+    let mut upstream = Upstream::Direct;
 
     let mut parser = lexopt::Parser::from_iter(
         std::iter::once("ksocks".into()).chain(args.into_iter().map(Into::into)),
@@ -163,6 +214,28 @@ where
                     ListenerKind::Tproxy,
                     parse_value("--tproxy", parser.value()?)?,
                 ));
+            }
+            Short('s') | Long("socks") => {
+                listeners.push((
+                    ListenerKind::Socks,
+                    parse_value("--socks", parser.value()?)?,
+                ));
+            }
+            Long("socks-auth") => {
+                let v: String = parse_value("--socks-auth", parser.value()?)?;
+                socks_auth.push(parse_credential(&v)?);
+            }
+            Long("socks-auth-file") => {
+                let path: String = parse_value("--socks-auth-file", parser.value()?)?;
+                socks_auth.extend(read_credentials(&path)?);
+            }
+            Long("handshake-timeout") => {
+                let v = parse_value("--handshake-timeout", parser.value()?)?;
+                handshake_timeout = in_range("--handshake-timeout", v, 1, 3600)?;
+            }
+            Short('u') | Long("upstream") => {
+                let v: String = parse_value("--upstream", parser.value()?)?;
+                upstream = upstream::parse(&v).map_err(|e| CliError(format!("--upstream: {e}")))?;
             }
             Long("dataplane") => {
                 let v: String = parse_value("--dataplane", parser.value()?)?;
@@ -227,6 +300,9 @@ where
         inflight_max,
         user,
         verbosity,
+        socks_auth,
+        handshake_timeout: Duration::from_secs(handshake_timeout),
+        upstream,
     }))
 }
 
@@ -309,6 +385,55 @@ mod tests {
         assert_eq!(run(&["-r", "0.0.0.0:1", "-v", "-q"]).unwrap().verbosity, -1);
     }
 
+    /// SOCKS listeners, credentials (flag and file) and upstream URLs.
+    #[test]
+    fn socks_and_upstream_flags() {
+        let path = std::env::temp_dir().join(format!("ksocks-auth-{}", std::process::id()));
+        std::fs::write(&path, "# users\nbob:pw2\n\n  carol:p:w  \n").unwrap();
+        let c = run(&[
+            "-s",
+            "127.0.0.1:1080",
+            "--socks-auth",
+            "alice:secret",
+            "--socks-auth-file",
+            path.to_str().unwrap(),
+            "--handshake-timeout",
+            "5",
+            "-u",
+            "socks5://u:p@198.19.1.2:1080",
+        ])
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            c.listeners,
+            vec![(ListenerKind::Socks, "127.0.0.1:1080".parse().unwrap())]
+        );
+        let users: Vec<(&[u8], &[u8])> =
+            c.socks_auth.iter().map(|(u, p)| (&u[..], &p[..])).collect();
+        assert_eq!(
+            users,
+            vec![
+                (&b"alice"[..], &b"secret"[..]),
+                (b"bob", b"pw2"),
+                (b"carol", b"p:w")
+            ]
+        );
+        assert_eq!(c.handshake_timeout, Duration::from_secs(5));
+        assert!(matches!(c.upstream, Upstream::Socks5 { .. }));
+        let c = run(&[
+            "-r",
+            "0.0.0.0:1",
+            "--upstream",
+            "ss://none@[2001:db8::1]:8388",
+        ])
+        .unwrap();
+        assert!(matches!(c.upstream, Upstream::Shadowsocks { .. }));
+        assert_eq!(
+            run(&["-r", "0.0.0.0:1"]).unwrap().upstream,
+            Upstream::Direct
+        );
+    }
+
     #[test]
     fn help_and_version() {
         assert_eq!(parse(["--help"]).unwrap(), Command::Help);
@@ -334,6 +459,30 @@ mod tests {
             ),
             (&["-r", "0.0.0.0:1", "--mark", "x"], "--mark"),
             (&["-r", "0.0.0.0:1", "stray"], "stray"),
+            (&["-s", "0.0.0.0:1", "--socks-auth", "nocolon"], "USER:PASS"),
+            (&["-s", "0.0.0.0:1", "--socks-auth", ":pass"], "USER:PASS"),
+            (
+                &[
+                    "-r",
+                    "0.0.0.0:1",
+                    "-u",
+                    "ss://aes-256-gcm:pw@198.19.1.2:8388",
+                ],
+                "unencrypted",
+            ),
+            (
+                &["-r", "0.0.0.0:1", "-u", "http://198.19.1.2:8080"],
+                "--upstream",
+            ),
+            (
+                &[
+                    "-s",
+                    "0.0.0.0:1",
+                    "--socks-auth-file",
+                    "/nonexistent/ksocks",
+                ],
+                "--socks-auth-file",
+            ),
         ];
         for (args, needle) in cases {
             let err = run(args).expect_err(&format!("{args:?} should fail"));

@@ -5,8 +5,11 @@
 //! stream and passed it on), or at once when either side resets or fails — then the other side
 //! is reset too, so no peer waits on a half-dead connection and no socket lingers in CLOSE_WAIT.
 
+use crate::cli::ListenerKind;
+use crate::handshake::{SocksClient, SocksServer};
 use crate::relay::{Broken, Flow};
 use crate::sockmap::Spliced;
+use crate::socks5::Dest;
 use crate::sys::{epoll, socket};
 use std::fmt;
 use std::io;
@@ -132,21 +135,52 @@ impl Sock {
 }
 
 pub enum Phase {
+    /// SOCKS5 server handshake with the client (`--socks`).
+    Socks,
+    /// Waiting for the resolver (a SOCKS5 request for a domain name, direct upstream).
+    Resolving,
     /// Waiting for the upstream connect to finish.
-    Connecting { deadline: Instant },
+    Connecting,
+    /// SOCKS5 handshake with the upstream proxy (`--upstream socks5://`).
+    Proxy,
+    /// Writing the last handshake bytes (the SOCKS reply, early payload) before the data plane.
+    Flushing,
     /// Userspace data plane: both directions as `Flow`s ([up, down]).
     Relay([Flow; 2]),
     /// Kernel data plane.
     Sockmap(Box<Spliced>),
 }
 
+/// Handshake state, dropped when the data plane starts.
+#[derive(Default)]
+pub struct Handshake {
+    pub server: Option<SocksServer>,
+    pub client: Option<SocksClient>,
+    /// Bytes read from [client, upstream] and not yet consumed.
+    pub input: [Vec<u8>; 2],
+    /// Bytes to write to [client, upstream].
+    pub output: [Vec<u8>; 2],
+    /// Bytes read from [client, upstream] during the handshake, protocol and early payload.
+    pub read: [u64; 2],
+}
+
 pub struct Conn {
     pub id: u64,
+    pub inbound: ListenerKind,
     pub client: Sock,
-    pub upstream: Sock,
+    /// `None` until the destination is known (SOCKS5 handshake, name lookup).
+    pub upstream: Option<Sock>,
     pub client_addr: SocketAddr,
-    pub dest: SocketAddr,
+    /// Where the client wants to go; a name until resolved, "?" before a SOCKS request.
+    pub dest: Dest,
     pub phase: Phase,
+    /// Handshake, resolve and connect deadline.
+    pub deadline: Option<Instant>,
+    pub hs: Option<Box<Handshake>>,
+    /// Payload bytes forwarded during the handshake [up, down], counted in the close line.
+    pub pre: [u64; 2],
+    /// A SOCKS5 failure reply was sent: close with a FIN so the client can read it.
+    pub replied: bool,
     pub started: Instant,
     pub last_active: Instant,
     /// Byte totals last seen, to notice activity for the idle timeout.
@@ -174,37 +208,52 @@ impl fmt::Display for PlaneKind {
 }
 
 impl Conn {
+    /// The socket of `side`; the upstream one exists in every phase that has events for it.
     pub fn sock(&mut self, side: Side) -> &mut Sock {
         match side {
             Side::Client => &mut self.client,
-            Side::Upstream => &mut self.upstream,
+            Side::Upstream => self
+                .upstream
+                .as_mut()
+                .expect("upstream socket exists once connecting"),
         }
+    }
+
+    pub fn up(&self) -> &Sock {
+        self.upstream
+            .as_ref()
+            .expect("upstream socket exists once connecting")
+    }
+
+    pub fn hs(&mut self) -> &mut Handshake {
+        self.hs.get_or_insert_with(Default::default)
     }
 
     /// Bytes moved (client -> upstream, upstream -> client).
     pub fn bytes(&self, off: Option<&crate::offload::Offload>) -> (u64, u64) {
-        match &self.phase {
-            Phase::Connecting { .. } => (0, 0),
+        let (up, down) = match &self.phase {
             Phase::Relay([up, down]) => (up.written, down.written),
             Phase::Sockmap(s) => s.bytes(off),
-        }
+            _ => (0, 0),
+        };
+        (up + self.pre[0], down + self.pre[1])
     }
 
     pub fn plane(&self) -> PlaneKind {
         match &self.phase {
-            Phase::Connecting { .. } => PlaneKind::Connecting,
             Phase::Relay([up, _]) if up.is_splice() => PlaneKind::Splice,
             Phase::Relay(_) => PlaneKind::Copy,
             Phase::Sockmap(_) => PlaneKind::Sockmap,
+            _ => PlaneKind::Connecting,
         }
     }
 
     /// Whether both directions are finished.
     pub fn finished(&self) -> bool {
         match &self.phase {
-            Phase::Connecting { .. } => false,
             Phase::Relay([up, down]) => up.shut && down.shut,
             Phase::Sockmap(s) => s.finished(),
+            _ => false,
         }
     }
 
@@ -217,17 +266,20 @@ impl Conn {
         let Phase::Relay(flows) = &mut self.phase else {
             return None;
         };
+        let (c, u) = (
+            self.client.fd(),
+            self.upstream
+                .as_ref()
+                .expect("relaying needs an upstream")
+                .fd(),
+        );
         if events & epoll::ERR != 0 {
-            let fd = match side {
-                Side::Client => self.client.fd(),
-                Side::Upstream => self.upstream.fd(),
-            };
+            let fd = if side == Side::Client { c } else { u };
             if let Ok(Some(_)) = socket::take_error(fd) {
                 return Some(reset_of(side));
             }
         }
         let [up, down] = flows;
-        let (c, u) = (self.client.fd(), self.upstream.fd());
         // Readable (or hung up: read returns what is left, then 0) -> pump out of this side;
         // writable -> pump into it. Both flows are cheap to try when they cannot move.
         let (from_side, to_side) = match side {
@@ -270,7 +322,7 @@ impl Conn {
     }
 }
 
-fn reset_of(side: Side) -> End {
+pub fn reset_of(side: Side) -> End {
     match side {
         Side::Client => End::ClientReset,
         Side::Upstream => End::UpstreamReset,
@@ -303,11 +355,16 @@ mod tests {
         let now = Instant::now();
         Conn {
             id: 1,
+            inbound: ListenerKind::Redirect,
             client: Sock::new(client),
-            upstream: Sock::new(upstream),
+            upstream: Some(Sock::new(upstream)),
             client_addr: "127.0.0.1:1".parse().unwrap(),
-            dest: "127.0.0.1:2".parse().unwrap(),
+            dest: Dest::Ip("127.0.0.1:2".parse().unwrap()),
             phase: Phase::Relay([Flow::copy(1024), Flow::copy(1024)]),
+            deadline: None,
+            hs: None,
+            pre: [0, 0],
+            replied: false,
             started: now,
             last_active: now,
             seen_bytes: 0,

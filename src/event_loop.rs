@@ -7,11 +7,16 @@
 //! deadline checked after each wakeup, so one slow connection never delays another.
 
 use crate::cli::{Config, ListenerKind};
-use crate::conn::{connect_end, Conn, End, Phase, PlaneKind, Side, Sock};
+use crate::conn::{connect_end, reset_of, Conn, End, Phase, PlaneKind, Side, Sock};
+use crate::handshake::{server_reply, Credential, Outcome, SocksClient, SocksServer, MAX_INPUT};
 use crate::offload::Offload;
 use crate::relay::Flow;
+use crate::resolve::Resolver;
+use crate::shadowsocks;
 use crate::sockmap::{self, Spliced};
+use crate::socks5::{self, Dest, Rep};
 use crate::sys::{self, epoll, socket};
+use crate::upstream::Upstream;
 use crate::{debug, error, info};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -21,6 +26,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 const SIGNAL_TOKEN: u64 = u64::MAX;
+const RESOLVER_TOKEN: u64 = u64::MAX - 1;
 const LISTENER_FLAG: u64 = 1 << 63;
 /// Accepts per listener wakeup, so a connection storm cannot starve established traffic.
 const ACCEPT_BURST: usize = 64;
@@ -98,6 +104,8 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     next_sweep: Instant,
     stop: bool,
+    /// Runs only when a SOCKS5 listener may ask for names.
+    resolver: Option<Resolver>,
 }
 
 /// Generations wrap at 31 bits so a connection token never has `LISTENER_FLAG` set.
@@ -149,7 +157,17 @@ impl Server {
             timers: BinaryHeap::new(),
             next_sweep: Instant::now() + SWEEP,
             stop: false,
+            resolver: None,
         };
+        if server
+            .listeners
+            .iter()
+            .any(|l| l.kind == ListenerKind::Socks)
+        {
+            let r = Resolver::start()?;
+            server.ep.add(r.fd(), RESOLVER_TOKEN, epoll::IN)?;
+            server.resolver = Some(r);
+        }
         server.set_listening(true)?;
         Ok(server)
     }
@@ -179,6 +197,7 @@ impl Server {
             for ev in events.iter() {
                 match ev.token {
                     SIGNAL_TOKEN => self.on_signal()?,
+                    RESOLVER_TOKEN => self.on_resolved(),
                     t if t & LISTENER_FLAG != 0 => self.on_accept((t & !LISTENER_FLAG) as usize),
                     t => self.on_conn_event(t, ev.events),
                 }
@@ -293,15 +312,18 @@ impl Server {
         self.backoff_until = Some(Instant::now() + FD_BACKOFF);
     }
 
-    /// Finds the destination of a freshly accepted connection and starts the upstream connect.
+    /// Takes a freshly accepted connection: SOCKS clients start their handshake, redirected
+    /// ones go straight to the upstream connect.
     fn start(&mut self, li: usize, client: OwnedFd, client_addr: SocketAddr) {
         let id = self.next_id;
         self.next_id += 1;
         self.stats.total += 1;
         let l = &self.listeners[li];
-        let dest = match l.kind {
+        let kind = l.kind;
+        let dest = match kind {
             ListenerKind::Redirect => socket::original_dst(client.as_fd(), l.addr.is_ipv6()),
             ListenerKind::Tproxy => socket::local_addr(client.as_fd()),
+            ListenerKind::Socks => Ok(SocketAddr::from(([0, 0, 0, 0], 0))), // replaced by the request
         };
         let dest = match dest {
             Ok(d) => d,
@@ -316,45 +338,24 @@ impl Server {
                 return;
             }
         };
-        if self.is_loop(&dest, client.as_fd()) {
-            error!("#{id} {client_addr} -> {dest}: redirect loop (destination is a ksocks listener), refusing");
-            info!(
-                "#{id} {client_addr} -> {dest} closed: up=0 down=0 time=0.000s plane=none end={}",
-                End::Loop
-            );
-            let _ = socket::set_linger_zero(client.as_fd());
-            return;
-        }
-        let upstream = match self.connect(&dest) {
-            Ok(u) => u,
-            Err((e, fd_exhausted)) => {
-                let end = if fd_exhausted {
-                    End::Error
-                } else {
-                    connect_end(&e)
-                };
-                error!("#{id} {client_addr} -> {dest}: connect: {e}");
-                info!("#{id} {client_addr} -> {dest} closed: up=0 down=0 time=0.000s plane=none end={end}");
-                if end.resets() {
-                    let _ = socket::set_linger_zero(client.as_fd());
-                }
-                if fd_exhausted {
-                    self.starve(&e);
-                }
-                return;
-            }
-        };
         let now = Instant::now();
-        let (upstream, connected) = upstream;
         let conn = Conn {
             id,
+            inbound: kind,
             client: Sock::new(client),
-            upstream: Sock::new(upstream),
+            upstream: None,
             client_addr,
-            dest,
-            phase: Phase::Connecting {
-                deadline: now + self.cfg.connect_timeout,
+            // A SOCKS client names its destination in the request.
+            dest: if kind == ListenerKind::Socks {
+                Dest::Domain("?".into(), 0)
+            } else {
+                Dest::Ip(dest)
             },
+            phase: Phase::Socks,
+            deadline: Some(now + self.cfg.handshake_timeout),
+            hs: None,
+            pre: [0, 0],
+            replied: false,
             started: now,
             last_active: now,
             seen_bytes: 0,
@@ -368,8 +369,110 @@ impl Server {
         };
         self.slots[idx].conn = Some(conn);
         self.open += 1;
-        let end = if connected { self.connected(idx) } else { None };
+        let end = if kind == ListenerKind::Socks {
+            self.conn(idx).hs().server = Some(SocksServer::default());
+            None
+        } else {
+            self.route(idx)
+        };
         self.settle(idx, end);
+    }
+
+    /// The destination is known: refuse loops, resolve names, connect to the destination or
+    /// to the upstream proxy.
+    fn route(&mut self, idx: usize) -> Option<End> {
+        let conn = self.slots[idx]
+            .conn
+            .as_ref()
+            .expect("slot holds a connection");
+        if let Dest::Ip(dest) = conn.dest {
+            if self.is_loop(&dest, conn.client.fd()) {
+                error!(
+                    "#{} {} -> {dest}: redirect loop (destination is a ksocks listener), refusing",
+                    conn.id, conn.client_addr
+                );
+                return Some(self.refuse(idx, End::Loop, Rep::NotAllowed));
+            }
+        }
+        let target = match (&self.cfg.upstream, &conn.dest) {
+            (Upstream::Direct, Dest::Ip(addr)) => *addr,
+            (Upstream::Direct, Dest::Domain(name, port)) => {
+                let resolver = self
+                    .resolver
+                    .as_ref()
+                    .expect("a resolver runs when --socks is used");
+                resolver.lookup(
+                    conn_token(self.slots[idx].gen, idx, Side::Client),
+                    name,
+                    *port,
+                );
+                let timeout = self.cfg.connect_timeout;
+                let conn = self.conn(idx);
+                conn.phase = Phase::Resolving;
+                conn.deadline = Some(Instant::now() + timeout);
+                return None;
+            }
+            (Upstream::Socks5 { addr, .. } | Upstream::Shadowsocks { addr }, _) => *addr,
+        };
+        self.connect(idx, target)
+    }
+
+    /// A refusal before the data plane: SOCKS clients get `rep` first and a FIN, the others
+    /// the end's usual close.
+    fn refuse(&mut self, idx: usize, end: End, rep: Rep) -> End {
+        let conn = self.conn(idx);
+        if conn.inbound == ListenerKind::Socks {
+            // A reply of at most 22 bytes to a socket that has sent nothing yet fits its
+            // send buffer; if it did not, the client would just see the close.
+            let _ = socket::send(conn.client.fd(), &server_reply(rep, None));
+            conn.replied = true;
+        }
+        end
+    }
+
+    /// Creates the upstream socket and starts connecting to `target`.
+    fn connect(&mut self, idx: usize, target: SocketAddr) -> Option<End> {
+        let mark = self.cfg.mark;
+        let attempt = || -> io::Result<(OwnedFd, bool)> {
+            let fd = socket::tcp_socket(&target)?;
+            if let Some(mark) = mark {
+                socket::set_int_opt(
+                    fd.as_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    mark as libc::c_int,
+                )?;
+            }
+            let connected = socket::connect(fd.as_fd(), &target)?;
+            Ok((fd, connected))
+        };
+        match attempt() {
+            Ok((fd, connected)) => {
+                let timeout = self.cfg.connect_timeout;
+                let conn = self.conn(idx);
+                conn.upstream = Some(Sock::new(fd));
+                conn.phase = Phase::Connecting;
+                conn.deadline = Some(Instant::now() + timeout);
+                if connected {
+                    self.connected(idx)
+                } else {
+                    None
+                }
+            }
+            Err(e) => {
+                let conn = self.conn(idx);
+                error!(
+                    "#{} {} -> {}: connect {target}: {e}",
+                    conn.id, conn.client_addr, conn.dest
+                );
+                if is_fd_exhaustion(&e) {
+                    self.starve(&e);
+                    return Some(self.refuse(idx, End::Error, Rep::GeneralFailure));
+                }
+                let rep = socks5::rep_from_errno(e.raw_os_error().unwrap_or(0));
+                Some(self.refuse(idx, connect_end(&e), rep))
+            }
+        }
     }
 
     /// A destination that is one of our own listeners would make the proxy connect to itself
@@ -387,26 +490,6 @@ impl Server {
         })
     }
 
-    /// Creates the upstream socket and starts connecting. `Err((e, true))` means out of
-    /// descriptors.
-    fn connect(&self, dest: &SocketAddr) -> Result<(OwnedFd, bool), (io::Error, bool)> {
-        let fd = socket::tcp_socket(dest).map_err(|e| {
-            let starved = is_fd_exhaustion(&e);
-            (e, starved)
-        })?;
-        if let Some(mark) = self.cfg.mark {
-            socket::set_int_opt(
-                fd.as_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                mark as libc::c_int,
-            )
-            .map_err(|e| (e, false))?;
-        }
-        let connected = socket::connect(fd.as_fd(), dest).map_err(|e| (e, false))?;
-        Ok((fd, connected))
-    }
-
     fn conn(&mut self, idx: usize) -> &mut Conn {
         self.slots[idx]
             .conn
@@ -414,19 +497,105 @@ impl Server {
             .expect("slot holds a connection")
     }
 
-    /// The upstream connect finished: enter the data plane.
+    /// The TCP connect finished: start the upstream proxy's handshake, if any.
     fn connected(&mut self, idx: usize) -> Option<End> {
+        let upstream = self.cfg.upstream.clone();
+        let timeout = self.cfg.connect_timeout;
+        let conn = self.conn(idx);
+        conn.deadline = Some(Instant::now() + timeout);
+        match upstream {
+            Upstream::Direct => self.tunnel_open(idx),
+            Upstream::Shadowsocks { .. } => {
+                let header = shadowsocks::emit_header(&conn.dest);
+                conn.hs().output[1].extend_from_slice(&header);
+                self.tunnel_open(idx)
+            }
+            Upstream::Socks5 { auth, .. } => {
+                let dest = conn.dest.clone();
+                let hs = conn.hs();
+                hs.client = Some(SocksClient::new(dest, auth, &mut hs.output[1]));
+                conn.phase = Phase::Proxy;
+                self.flush_handshake(idx)
+            }
+        }
+    }
+
+    /// The path to the destination is open: answer a SOCKS client, queue the payload that came
+    /// early, and write all of it before the data plane starts.
+    fn tunnel_open(&mut self, idx: usize) -> Option<End> {
+        let conn = self.conn(idx);
+        if conn.inbound == ListenerKind::Socks {
+            let bind = socket::local_addr(conn.up().fd()).ok();
+            conn.hs().output[0].extend_from_slice(&server_reply(Rep::Succeeded, bind));
+        }
+        if let Some(hs) = conn.hs.as_deref_mut() {
+            let [to_up, to_client] = std::mem::take(&mut hs.input);
+            conn.pre = [to_up.len() as u64, to_client.len() as u64];
+            hs.output[1].extend_from_slice(&to_up);
+            hs.output[0].extend_from_slice(&to_client);
+        }
+        conn.phase = Phase::Flushing;
+        self.flush_handshake(idx)
+    }
+
+    /// Writes pending handshake output; in `Flushing`, enters the data plane once all is out.
+    fn flush_handshake(&mut self, idx: usize) -> Option<End> {
+        let conn = self.conn(idx);
+        if let Some(hs) = conn.hs.as_deref_mut() {
+            for side in [Side::Client, Side::Upstream] {
+                let out = &mut hs.output[side as usize];
+                if out.is_empty() {
+                    continue;
+                }
+                let fd = match side {
+                    Side::Client => conn.client.fd(),
+                    Side::Upstream => conn
+                        .upstream
+                        .as_ref()
+                        .expect("flushing needs an upstream")
+                        .fd(),
+                };
+                match socket::send(fd, out) {
+                    Ok(n) => {
+                        out.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Some(reset_of(side)),
+                }
+            }
+        }
+        let done = conn
+            .hs
+            .as_ref()
+            .map_or(true, |hs| hs.output.iter().all(Vec::is_empty));
+        if done && matches!(conn.phase, Phase::Flushing) {
+            return self.enter_plane(idx);
+        }
+        None
+    }
+
+    /// Handshakes are over and every early byte is out: enter the data plane.
+    fn enter_plane(&mut self, idx: usize) -> Option<End> {
         let buffer = self.cfg.buffer_size;
         let inflight = self.cfg.inflight_max;
+        let conn = self.slots[idx]
+            .conn
+            .as_mut()
+            .expect("slot holds a connection");
+        let rx_base = conn.hs.take().map_or([0, 0], |hs| hs.read);
+        conn.deadline = None;
         let phase = match &self.plane {
             Plane::Copy => Phase::Relay([Flow::copy(buffer), Flow::copy(buffer)]),
             Plane::Splice => Phase::Relay([Flow::splice(PIPE_BYTES), Flow::splice(PIPE_BYTES)]),
             Plane::Sockmap(off) => {
-                let conn = self.slots[idx]
-                    .conn
-                    .as_ref()
-                    .expect("slot holds a connection");
-                match Spliced::start(off, conn.client.fd(), conn.upstream.fd(), buffer, inflight) {
+                match Spliced::start(
+                    off,
+                    conn.client.fd(),
+                    conn.up().fd(),
+                    buffer,
+                    inflight,
+                    rx_base,
+                ) {
                     Ok(s) => Phase::Sockmap(Box::new(s)),
                     Err(reason) => {
                         self.stats.fallbacks += 1;
@@ -436,7 +605,6 @@ impl Server {
                 }
             }
         };
-        let conn = self.conn(idx);
         conn.phase = phase;
         conn.last_active = Instant::now();
         if let Phase::Sockmap(_) = conn.phase {
@@ -479,11 +647,164 @@ impl Server {
             _ => return, // the connection was closed earlier in this batch
         }
         let end = match &mut self.conn(idx).phase {
-            Phase::Connecting { .. } => self.on_connecting(idx, side, events),
             Phase::Relay(_) => self.conn(idx).relay_event(side, events),
             Phase::Sockmap(_) => self.sockmap_step(idx, Some((side, events))),
+            Phase::Connecting if side == Side::Upstream => self.on_connecting(idx, events),
+            _ => self.on_handshake_event(idx, side, events),
         };
         self.settle(idx, end);
+    }
+
+    /// Readiness before the data plane: the SOCKS request, the upstream proxy's replies, or
+    /// room to write handshake output.
+    fn on_handshake_event(&mut self, idx: usize, side: Side, events: u32) -> Option<End> {
+        let users = std::mem::take(&mut self.cfg.socks_auth);
+        let end = self.handshake_step(idx, side, events, &users);
+        self.cfg.socks_auth = users;
+        end
+    }
+
+    fn handshake_step(
+        &mut self,
+        idx: usize,
+        side: Side,
+        events: u32,
+        users: &[Credential],
+    ) -> Option<End> {
+        if events & epoll::ERR != 0 {
+            return Some(reset_of(side));
+        }
+        if events & epoll::OUT != 0 {
+            if let Some(end) = self.flush_handshake(idx) {
+                return Some(end);
+            }
+        }
+        let conn = self.conn(idx);
+        let reading = matches!(
+            (&conn.phase, side),
+            (Phase::Socks, Side::Client) | (Phase::Proxy, Side::Upstream)
+        );
+        if events & (epoll::IN | epoll::HUP) == 0 || !reading {
+            return None;
+        }
+        let (id, client_addr) = (conn.id, conn.client_addr);
+        let fd = match side {
+            Side::Client => conn.client.fd.as_fd(),
+            Side::Upstream => conn
+                .upstream
+                .as_ref()
+                .expect("proxy phase has an upstream")
+                .fd
+                .as_fd(),
+        };
+        let hs = conn
+            .hs
+            .as_deref_mut()
+            .expect("a handshake phase has handshake state");
+        let input = &mut hs.input[side as usize];
+        let mut chunk = [0u8; MAX_INPUT];
+        let room = MAX_INPUT - input.len().min(MAX_INPUT);
+        let n = match socket::recv(fd, &mut chunk[..room.max(1)]) {
+            Ok(0) => {
+                info!(
+                    "#{id} {client_addr} -> {}: {} closed during the handshake",
+                    conn.dest,
+                    side_name(side)
+                );
+                return Some(End::Error);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(_) => return Some(reset_of(side)),
+        };
+        input.extend_from_slice(&chunk[..n]);
+        hs.read[side as usize] += n as u64;
+        let (input, output) = (&mut hs.input[side as usize], &mut hs.output[side as usize]);
+        let outcome = match side {
+            Side::Client => hs
+                .server
+                .as_mut()
+                .expect("SOCKS phase has a server")
+                .feed(input, output, users),
+            Side::Upstream => hs
+                .client
+                .as_mut()
+                .expect("proxy phase has a client")
+                .feed(input, output),
+        };
+        match outcome {
+            Outcome::More => self.flush_handshake(idx),
+            Outcome::Fail { why, rep } => {
+                let _ = self.flush_handshake(idx);
+                let conn = self.conn(idx);
+                error!("#{id} {client_addr} -> {}: {why}", conn.dest);
+                if side == Side::Upstream {
+                    // An upstream refusal is passed on: its REP to a SOCKS client, a reset to
+                    // the others.
+                    return Some(self.refuse(idx, End::Error, rep.unwrap_or(Rep::GeneralFailure)));
+                }
+                conn.replied = true; // the client got our reply (if any) and a FIN
+                Some(End::Error)
+            }
+            Outcome::Done(dest) => match side {
+                Side::Client => {
+                    let conn = self.conn(idx);
+                    conn.dest = dest;
+                    let hs = conn.hs();
+                    hs.server = None;
+                    if let Some(end) = self.flush_handshake(idx) {
+                        return Some(end);
+                    }
+                    self.route(idx)
+                }
+                Side::Upstream => {
+                    self.conn(idx).hs().client = None;
+                    self.tunnel_open(idx)
+                }
+            },
+        }
+    }
+
+    fn on_connecting(&mut self, idx: usize, events: u32) -> Option<End> {
+        let conn = self.conn(idx);
+        match socket::take_error(conn.up().fd()) {
+            Ok(None) if events & (epoll::ERR | epoll::HUP) == 0 => self.connected(idx),
+            Ok(None) => Some(End::Error),
+            Ok(Some(e)) | Err(e) => {
+                error!(
+                    "#{} {} -> {}: connect: {e}",
+                    conn.id, conn.client_addr, conn.dest
+                );
+                let rep = socks5::rep_from_errno(e.raw_os_error().unwrap_or(0));
+                Some(self.refuse(idx, connect_end(&e), rep))
+            }
+        }
+    }
+
+    /// Answers from the resolver thread.
+    fn on_resolved(&mut self) {
+        let Some(resolver) = &self.resolver else {
+            return;
+        };
+        for (token, answer) in resolver.answers() {
+            let (gen, idx, _) = split_token(token);
+            let live = matches!(self.slots.get(idx), Some(s) if s.gen == gen && matches!(s.conn.as_ref().map(|c| &c.phase), Some(Phase::Resolving)));
+            if !live {
+                continue;
+            }
+            let end = match answer {
+                Ok(addrs) => self.connect(idx, addrs[0]),
+                Err(why) => {
+                    let conn = self.conn(idx);
+                    error!(
+                        "#{} {} -> {}: cannot resolve: {why}",
+                        conn.id, conn.client_addr, conn.dest
+                    );
+                    Some(self.refuse(idx, End::Unreachable, Rep::HostUnreachable))
+                }
+            };
+            self.settle(idx, end);
+        }
     }
 
     /// After an event or timer: finish the connection if it ended, else update epoll.
@@ -497,26 +818,6 @@ impl Server {
         }
     }
 
-    fn on_connecting(&mut self, idx: usize, side: Side, events: u32) -> Option<End> {
-        let conn = self.conn(idx);
-        match side {
-            Side::Client if events & (epoll::ERR | epoll::HUP) != 0 => Some(End::ClientReset),
-            Side::Client => None,
-            Side::Upstream => match socket::take_error(conn.upstream.fd()) {
-                Ok(None) if events & (epoll::ERR | epoll::HUP) == 0 => self.connected(idx),
-                Ok(None) => Some(End::Error),
-                Ok(Some(e)) | Err(e) => {
-                    let end = connect_end(&e);
-                    error!(
-                        "#{} {} -> {}: connect: {e}",
-                        conn.id, conn.client_addr, conn.dest
-                    );
-                    Some(end)
-                }
-            },
-        }
-    }
-
     /// Brings both sockets' epoll masks in line with what the connection waits for.
     fn rewatch(&mut self, idx: usize) {
         let gen = self.slots[idx].gen;
@@ -524,18 +825,25 @@ impl Server {
             .conn
             .as_mut()
             .expect("slot holds a connection");
+        let out = |side: Side| match &conn.hs {
+            Some(hs) if !hs.output[side as usize].is_empty() => epoll::OUT,
+            _ => 0,
+        };
         let (cm, um) = match &conn.phase {
-            Phase::Connecting { .. } => (0, epoll::OUT),
+            Phase::Socks => (epoll::IN | out(Side::Client), 0),
+            Phase::Resolving => (0, 0),
+            Phase::Connecting => (0, epoll::OUT),
+            Phase::Proxy => (0, epoll::IN | out(Side::Upstream)),
+            Phase::Flushing => (out(Side::Client), out(Side::Upstream)),
             Phase::Relay(_) => conn.relay_masks(),
             Phase::Sockmap(s) => s.masks(),
         };
-        let res = conn
+        let mut res = conn
             .client
-            .watch(&self.ep, conn_token(gen, idx, Side::Client), cm)
-            .and_then(|_| {
-                conn.upstream
-                    .watch(&self.ep, conn_token(gen, idx, Side::Upstream), um)
-            });
+            .watch(&self.ep, conn_token(gen, idx, Side::Client), cm);
+        if let (Ok(()), Some(up)) = (&res, conn.upstream.as_mut()) {
+            res = up.watch(&self.ep, conn_token(gen, idx, Side::Upstream), um);
+        }
         if let Err(e) = res {
             error!(
                 "#{} {} -> {}: epoll: {e}",
@@ -565,9 +873,14 @@ impl Server {
         if let (Phase::Sockmap(s), Some(off)) = (&mut conn.phase, off) {
             s.stop(off);
         }
-        if end.resets() {
+        if end.resets() && !conn.replied {
             let _ = socket::set_linger_zero(conn.client.fd());
-            let _ = socket::set_linger_zero(conn.upstream.fd());
+        }
+        if let (true, Some(up)) = (end.resets() || end == End::Loop, &conn.upstream) {
+            let _ = socket::set_linger_zero(up.fd());
+        }
+        if end == End::Loop && !conn.replied {
+            let _ = socket::set_linger_zero(conn.client.fd());
         }
         let secs = conn.started.elapsed().as_secs_f64();
         info!(
@@ -623,7 +936,7 @@ impl Server {
         }
     }
 
-    /// Connect timeouts, idle timeouts and idle pipes.
+    /// Handshake and connect timeouts, idle timeouts and idle pipes.
     fn sweep(&mut self, now: Instant) {
         let idle = self.cfg.idle_timeout;
         for idx in 0..self.slots.len() {
@@ -635,23 +948,25 @@ impl Server {
                 continue;
             };
             let mut end = None;
-            match &mut conn.phase {
-                Phase::Connecting { deadline } if now >= *deadline => {
-                    error!(
-                        "#{} {} -> {}: connect: timed out after {}s",
-                        conn.id,
-                        conn.client_addr,
-                        conn.dest,
-                        self.cfg.connect_timeout.as_secs()
-                    );
-                    end = Some(End::Timeout);
-                }
-                Phase::Relay(flows) if now.duration_since(conn.last_active) >= PIPE_IDLE => {
+            if conn.deadline.is_some_and(|d| now >= d) {
+                let what = match conn.phase {
+                    Phase::Socks => "SOCKS5 handshake",
+                    Phase::Resolving => "name lookup",
+                    Phase::Connecting => "connect",
+                    _ => "upstream handshake",
+                };
+                error!(
+                    "#{} {} -> {}: {what}: timed out",
+                    conn.id, conn.client_addr, conn.dest
+                );
+                end = Some(End::Timeout);
+            }
+            if let Phase::Relay(flows) = &mut conn.phase {
+                if now.duration_since(conn.last_active) >= PIPE_IDLE {
                     flows.iter_mut().for_each(Flow::release);
                 }
-                _ => {}
             }
-            if let (Some(limit), None) = (idle, end) {
+            if let (Some(limit), None, None) = (idle, end, conn.deadline) {
                 if let Phase::Sockmap(_) = conn.phase {
                     let (u, d) = conn.bytes(off);
                     if u + d != conn.seen_bytes {
@@ -659,9 +974,7 @@ impl Server {
                         conn.last_active = now;
                     }
                 }
-                if !matches!(conn.phase, Phase::Connecting { .. })
-                    && now.duration_since(conn.last_active) >= limit
-                {
+                if now.duration_since(conn.last_active) >= limit {
                     debug!(
                         "#{} {} -> {}: idle for {}s, closing",
                         conn.id,
@@ -673,9 +986,20 @@ impl Server {
                 }
             }
             if let Some(end) = end {
+                let end = match end {
+                    End::Timeout => self.refuse(idx, end, Rep::TtlExpired),
+                    e => e,
+                };
                 self.finish(idx, end);
             }
         }
+    }
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Client => "client",
+        Side::Upstream => "upstream",
     }
 }
 

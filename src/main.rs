@@ -1,9 +1,10 @@
 //! Parse, set up, run. Fatal errors print `error: ...` and exit non-zero.
 
-use ksocks::cli::{self, Command, Config, Dataplane};
+use ksocks::cli::{self, Command, Config, Dataplane, ListenerKind};
 use ksocks::event_loop::{self, Plane, Server};
 use ksocks::offload::Offload;
 use ksocks::sys;
+use ksocks::upstream::Upstream;
 use ksocks::{error, info};
 use std::process::ExitCode;
 
@@ -44,7 +45,16 @@ fn run(cfg: Config) -> Result<(), String> {
         let l = event_loop::bind_listener(kind, addr)
             .map_err(|e| format!("cannot listen ({kind}) on {addr}: {e}"))?;
         error!("listening {kind} {}", l.addr);
+        if kind == ListenerKind::Socks && cfg.socks_auth.is_empty() && !l.addr.ip().is_loopback() {
+            error!(
+                "warning: the SOCKS5 server on {} asks for no password (give --socks-auth)",
+                l.addr
+            );
+        }
         listeners.push(l);
+    }
+    if cfg.upstream != Upstream::Direct {
+        error!("upstream: {}", cfg.upstream);
     }
     let plane = choose_plane(&cfg)?;
     if let Some(name) = &cfg.user {

@@ -52,6 +52,8 @@ struct Dir {
     flow: Flow,
     /// `acked + outq` of dst at pairing, less what userspace had written to it by then.
     base: u64,
+    /// Bytes src received that a handshake consumed before pairing (not the flow's).
+    rx_base: u64,
     /// src's FIN was seen (EPOLLRDHUP) while the kernel was moving its bytes.
     fin: bool,
     /// Last poll's `kern` and `pending`, to see progress.
@@ -90,12 +92,14 @@ impl Spliced {
     /// Pairs the two sockets in the redirect map; the directions start in userspace and move
     /// to the kernel once each source is drained. `Err` is the reason this connection falls
     /// back to the copy plane.
+    /// `rx_base` is what a handshake read from [client, upstream] before the plane started.
     pub fn start(
         off: &Offload,
         client: BorrowedFd,
         upstream: BorrowedFd,
         buffer: usize,
         inflight_max: u64,
+        rx_base: [u64; 2],
     ) -> Result<Spliced, String> {
         let cookie = |fd| socket::socket_cookie(fd).map_err(|e| format!("SO_COOKIE: {e}"));
         let cookies = [cookie(client)?, cookie(upstream)?];
@@ -112,10 +116,11 @@ impl Spliced {
                 }
                 _ => format!("sockmap insert: {e}"),
             })?;
-        let dir = |base| Dir {
+        let dir = |base, rx_base| Dir {
             state: State::User,
             flow: Flow::copy(buffer),
             base,
+            rx_base,
             fin: false,
             last_kern: 0,
             last_pending: 0,
@@ -126,7 +131,7 @@ impl Spliced {
         };
         Ok(Spliced {
             cookies,
-            dirs: [dir(bases[0]), dir(bases[1])],
+            dirs: [dir(bases[0], rx_base[0]), dir(bases[1], rx_base[1])],
             inflight_max,
             scheduled: None,
             stopped: false,
@@ -240,7 +245,14 @@ pub fn poll(conn: &mut Conn, off: &Offload, now: Instant) -> Option<End> {
 
 /// Advances both directions as far as they can go now.
 fn progress(conn: &mut Conn, off: &Offload, now: Instant) -> Option<End> {
-    let (c, u) = (conn.client.fd.as_fd(), conn.upstream.fd.as_fd());
+    let (c, u) = (
+        conn.client.fd.as_fd(),
+        conn.upstream
+            .as_ref()
+            .expect("spliced connections have an upstream")
+            .fd
+            .as_fd(),
+    );
     let Phase::Sockmap(s) = &mut conn.phase else {
         return None;
     };
@@ -267,7 +279,7 @@ fn books(
     src: BorrowedFd,
     dst: BorrowedFd,
     cookie: u64,
-    base: u64,
+    dir: &Dir,
 ) -> io::Result<Books> {
     let s = socket::tcp_bytes(src)?;
     let d = socket::tcp_bytes(dst)?;
@@ -275,10 +287,10 @@ fn books(
     // A received FIN counts one in bytes_received.
     let src_fin = socket::tcp_state::fin_received(s.state);
     Ok(Books {
-        received: s.received - src_fin as u64,
+        received: s.received.wrapping_sub(src_fin as u64 + dir.rx_base),
         src_fin,
         kern: off.forwarded(cookie),
-        entered: (d.acked + outq).wrapping_sub(base),
+        entered: (d.acked + outq).wrapping_sub(dir.base),
     })
 }
 
@@ -329,7 +341,7 @@ fn advance(
                 }
             }
             State::Kernel | State::Unhooking => {
-                let b = books(off, src, dst, cookie, dir.base).map_err(|_| End::Error)?;
+                let b = books(off, src, dst, cookie, dir).map_err(|_| End::Error)?;
                 let given = dir.flow.written + b.kern;
                 if b.entered > given || dir.flow.read + b.kern > b.received {
                     crate::error!(

@@ -450,7 +450,7 @@ mod tests {
     fn refused_program_carries_the_log() {
         // `exit` with r0 never set. (BPF_JMP | BPF_EXIT; no registers, so byte order-free.)
         let insns = [0x95, 0, 0, 0, 0, 0, 0, 0];
-        let license = CStr::from_bytes_with_nul(b"GPL\0").unwrap();
+        let license = c"GPL";
         match prog_load(BPF_PROG_TYPE_SK_SKB, &insns, license, "ksocks_bad") {
             Ok(_) => panic!("the verifier accepted a program that returns garbage"),
             Err(e) if skip(&e.err) => {}

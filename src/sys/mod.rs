@@ -135,6 +135,20 @@ pub fn splice(from: BorrowedFd, to: BorrowedFd, len: usize) -> io::Result<usize>
     }
 }
 
+/// Non-blocking-agnostic `read(2)` (pipes); `Ok(0)` is end of file.
+pub fn read(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
+    let n = unsafe { syscall!(read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()))? };
+    Ok(n as usize)
+}
+
+/// `write(2)` (pipes).
+pub fn write(fd: BorrowedFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a readable buffer of `buf.len()` bytes.
+    let n = unsafe { syscall!(write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()))? };
+    Ok(n as usize)
+}
+
 /// Bytes waiting to be read in a pipe or socket (`FIONREAD`).
 pub fn readable_bytes(fd: BorrowedFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
