@@ -13,7 +13,7 @@ use crate::offload::Offload;
 use crate::relay::Flow;
 use crate::resolve::Resolver;
 use crate::shadowsocks;
-use crate::sockmap::{self, Spliced};
+use crate::sockmap::{self, Fallback, Spliced};
 use crate::socks5::{self, Dest, Rep};
 use crate::sys::{self, epoll, socket};
 use crate::upstream::Upstream;
@@ -75,7 +75,8 @@ pub enum Plane {
 #[derive(Default)]
 struct Stats {
     total: u64,
-    fallbacks: u64,
+    /// Connections or directions left in userspace, by `Fallback` reason.
+    fallbacks: [u64; 3],
     /// Bytes of closed connections (up, down); open ones are added when printing.
     closed_up: u64,
     closed_down: u64,
@@ -255,9 +256,19 @@ impl Server {
             down += d;
         }
         let map_entries = off.map_or(0, |o| o.entries());
+        let reasons: String = Fallback::ALL
+            .iter()
+            .map(|f| {
+                format!(
+                    " fallback_{}={}",
+                    f.name(),
+                    self.stats.fallbacks[*f as usize]
+                )
+            })
+            .collect();
         crate::log::write(format_args!(
-            "stats open={} total={} copy={copy} splice={splice} sockmap={kernel} fallbacks={} bytes_up={up} bytes_down={down} map_entries={map_entries}",
-            self.open, self.stats.total, self.stats.fallbacks
+            "stats open={} total={} copy={copy} splice={splice} sockmap={kernel} fallbacks={}{reasons} bytes_up={up} bytes_down={down} map_entries={map_entries}",
+            self.open, self.stats.total, self.stats.fallbacks.iter().sum::<u64>()
         ));
     }
 
@@ -597,8 +608,8 @@ impl Server {
                     rx_base,
                 ) {
                     Ok(s) => Phase::Sockmap(Box::new(s)),
-                    Err(reason) => {
-                        self.stats.fallbacks += 1;
+                    Err((why, reason)) => {
+                        self.stats.fallbacks[why as usize] += 1;
                         info!("#{} {} -> {}: sockmap unavailable for this connection ({reason}); using copy", conn.id, conn.client_addr, conn.dest);
                         Phase::Relay([Flow::copy(buffer), Flow::copy(buffer)])
                     }
@@ -630,6 +641,11 @@ impl Server {
             Some((side, events)) => sockmap::on_event(conn, off, side, events),
             None => sockmap::poll(conn, off, now),
         };
+        if let Phase::Sockmap(s) = &mut conn.phase {
+            if let Some(why) = s.fallback.take() {
+                self.stats.fallbacks[why as usize] += 1;
+            }
+        }
         if res.is_none() {
             if let Phase::Sockmap(s) = &mut conn.phase {
                 if let Some(t) = s.next_poll() {

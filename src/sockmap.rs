@@ -30,6 +30,37 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
+/// Why a connection or one direction stayed in userspace, for the stats line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// `E2BIG`: the maps are full.
+    MapFull,
+    /// `EOPNOTSUPP`: the socket is no longer ESTABLISHED (its FIN arrived first), or MPTCP.
+    Unsupported,
+    /// Anything else.
+    Error,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 3] = [Fallback::MapFull, Fallback::Unsupported, Fallback::Error];
+
+    pub fn of(e: &io::Error) -> Fallback {
+        match e.raw_os_error() {
+            Some(libc::E2BIG) => Fallback::MapFull,
+            Some(libc::EOPNOTSUPP) => Fallback::Unsupported,
+            _ => Fallback::Error,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fallback::MapFull => "map_full",
+            Fallback::Unsupported => "unsupported",
+            Fallback::Error => "error",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     User,
@@ -72,6 +103,8 @@ pub struct Spliced {
     inflight_max: u64,
     /// The poll the event loop has queued for this connection.
     scheduled: Option<Instant>,
+    /// A direction the kernel refused, not yet counted in the stats.
+    pub fallback: Option<Fallback>,
     stopped: bool,
 }
 
@@ -100,22 +133,21 @@ impl Spliced {
         buffer: usize,
         inflight_max: u64,
         rx_base: [u64; 2],
-    ) -> Result<Spliced, String> {
-        let cookie = |fd| socket::socket_cookie(fd).map_err(|e| format!("SO_COOKIE: {e}"));
+    ) -> Result<Spliced, (Fallback, String)> {
+        let cookie = |fd| {
+            socket::socket_cookie(fd).map_err(|e| (Fallback::Error, format!("SO_COOKIE: {e}")))
+        };
         let cookies = [cookie(client)?, cookie(upstream)?];
-        let base = |dst| -> Result<u64, String> {
-            let b = socket::tcp_bytes(dst).map_err(|e| format!("TCP_INFO: {e}"))?;
-            Ok(b.acked + socket::outq(dst).map_err(|e| format!("SIOCOUTQ: {e}"))? as u64)
+        let base = |dst| -> Result<u64, (Fallback, String)> {
+            let b =
+                socket::tcp_bytes(dst).map_err(|e| (Fallback::Error, format!("TCP_INFO: {e}")))?;
+            Ok(b.acked
+                + socket::outq(dst).map_err(|e| (Fallback::Error, format!("SIOCOUTQ: {e}")))?
+                    as u64)
         };
         let bases = [base(upstream)?, base(client)?];
         off.pair(client, cookies[0], upstream, cookies[1])
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::E2BIG) => "sockmap full".to_string(),
-                Some(libc::EOPNOTSUPP) => {
-                    "socket not supported by sockmap (closing, or MPTCP)".to_string()
-                }
-                _ => format!("sockmap insert: {e}"),
-            })?;
+            .map_err(|e| (Fallback::of(&e), format!("sockmap insert: {e}")))?;
         let dir = |base, rx_base| Dir {
             state: State::User,
             flow: Flow::copy(buffer),
@@ -134,6 +166,7 @@ impl Spliced {
             dirs: [dir(bases[0], rx_base[0]), dir(bases[1], rx_base[1])],
             inflight_max,
             scheduled: None,
+            fallback: None,
             stopped: false,
         })
     }
@@ -281,15 +314,19 @@ fn books(
     cookie: u64,
     dir: &Dir,
 ) -> io::Result<Books> {
-    let s = socket::tcp_bytes(src)?;
+    // The order matters, as every counter only grows while we read them: what entered dst
+    // was redirected before, and what was redirected was received before. Reading in this
+    // order, `entered <= given` and `kern <= received` hold unless the kernel misbehaved.
     let d = socket::tcp_bytes(dst)?;
     let outq = socket::outq(dst)? as u64;
+    let kern = off.forwarded(cookie);
+    let s = socket::tcp_bytes(src)?;
     // A received FIN counts one in bytes_received.
     let src_fin = socket::tcp_state::fin_received(s.state);
     Ok(Books {
         received: s.received.wrapping_sub(src_fin as u64 + dir.rx_base),
         src_fin,
-        kern: off.forwarded(cookie),
+        kern,
         entered: (d.acked + outq).wrapping_sub(dir.base),
     })
 }
@@ -336,6 +373,7 @@ fn advance(
                     Err(e) => {
                         debug!("#{id}: {} -> {}: kernel refused the socket ({e}); finishing in userspace", src_side_name(d), dst_side_name(d));
                         dir.state = State::UserOnly;
+                        s.fallback = Some(Fallback::of(&e));
                         return Ok(());
                     }
                 }
