@@ -397,7 +397,7 @@ impl Server {
             .as_ref()
             .expect("slot holds a connection");
         if let Dest::Ip(dest) = conn.dest {
-            if self.is_loop(&dest, conn.client.fd()) {
+            if self.is_loop(conn.inbound, &dest, conn.client.fd()) {
                 error!(
                     "#{} {} -> {dest}: redirect loop (destination is a ksocks listener), refusing",
                     conn.id, conn.client_addr
@@ -487,17 +487,18 @@ impl Server {
     }
 
     /// A destination that is one of our own listeners would make the proxy connect to itself
-    /// for ever. With no NAT, SO_ORIGINAL_DST returns the listener address itself.
-    fn is_loop(&self, dest: &SocketAddr, client: std::os::fd::BorrowedFd) -> bool {
-        let local = socket::local_addr(client).ok();
-        if local.as_ref() == Some(dest) {
+    /// for ever. With no NAT, SO_ORIGINAL_DST returns the accepted socket's own address; for
+    /// TPROXY that is always the case, so only the listener addresses count there.
+    fn is_loop(&self, kind: ListenerKind, dest: &SocketAddr, client: std::os::fd::BorrowedFd) -> bool {
+        if kind == ListenerKind::Redirect && socket::local_addr(client).ok().as_ref() == Some(dest) {
             return true;
         }
         self.listeners.iter().any(|l| {
             l.addr == *dest
                 || (l.addr.ip().is_unspecified()
                     && l.addr.port() == dest.port()
-                    && local.map(|a| a.ip()) == Some(dest.ip()))
+                    && l.addr.is_ipv4() == dest.is_ipv4()
+                    && socket::is_local_ip(dest.ip()))
         })
     }
 
