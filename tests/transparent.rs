@@ -1,0 +1,612 @@
+//! Transparent-proxy integration tests: client -> router (nftables REDIRECT or TPROXY to the real
+//! ksocks binary) -> server, in network namespaces, with every byte checked by hash.
+//!
+//! Each case runs for the whole matrix {v4, v6} x {redirect, tproxy} x PLANES, as tests named
+//! `v4::redirect::copy::upload_then_reply`. After every case ksocks must hold no connection and
+//! no socket beyond its listeners (nor BPF map entries).
+//!
+//! Run as root: `cargo test --test transparent -- --test-threads=8 [FILTER]`, e.g. `v6::tproxy`
+//! or `::sockmap::`. On a failure the last log lines are printed and the whole ksocks log is
+//! saved under `target/tmp/`. Measurements (RSS, round trip) print with `--nocapture`.
+
+mod common;
+
+use common::*;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The data planes every case runs on — the ONE place to extend (e.g. `matrix!(copy splice sockmap);`).
+macro_rules! planes {
+    () => {
+        matrix!(copy splice sockmap);
+    };
+}
+
+const KSOCKS_PORT: u16 = 12345;
+const SERVER_PORT: u16 = 5001;
+const MIB: u64 = 1024 * 1024;
+
+/// One running case: its topology, ksocks, and the family it speaks.
+pub struct Ctx {
+    pub topo: Topology,
+    pub ks: Ksocks,
+    pub fam: Family,
+}
+
+impl Ctx {
+    /// The server's address for `port` (the client connects here; ksocks intercepts).
+    fn dst(&self, port: u16) -> SocketAddr {
+        self.topo.server_addr(self.fam, port)
+    }
+    fn listen(&self) -> TcpListener {
+        self.topo.server_listener(self.fam, SERVER_PORT)
+    }
+    fn connect(&self) -> TcpStream {
+        self.connect_to(SERVER_PORT)
+    }
+    fn connect_to(&self, port: u16) -> TcpStream {
+        let dst = self.dst(port);
+        self.topo
+            .client_connect(dst)
+            .unwrap_or_else(|e| panic!("client connect to {dst}: {e}"))
+    }
+    /// Waits for the close line of a connection with these byte counts and end reason.
+    fn expect_close(&self, up: u64, down: u64, end: &str) {
+        let up = format!("up={up} ");
+        let down = format!("down={down} ");
+        let end = format!("end={end}");
+        if self
+            .ks
+            .wait_close_line(&[&up, &down, &end], Duration::from_secs(5))
+            .is_none()
+        {
+            panic!(
+                "no close line with {up}{down}{end}; log:\n{}",
+                self.ks.log_tail(20)
+            );
+        }
+    }
+    fn expect_end(&self, ends: &[&str]) -> String {
+        let mut line = None;
+        wait_until(Duration::from_secs(5), || {
+            line = self
+                .ks
+                .log()
+                .lines()
+                .find(|l| {
+                    l.contains(" closed: ") && ends.iter().any(|e| l.contains(&format!("end={e}")))
+                })
+                .map(str::to_string);
+            line.is_some()
+        });
+        line.unwrap_or_else(|| {
+            panic!(
+                "no close line with end={ends:?}; log:\n{}",
+                self.ks.log_tail(20)
+            )
+        })
+    }
+}
+
+/// Extra ksocks flags a case needs.
+fn extra_args(case: &str) -> &'static [&'static str] {
+    match case {
+        "upstream_unreachable_times_out" => &["--connect-timeout", "2"],
+        _ => &[],
+    }
+}
+
+/// Builds the topology, starts ksocks with `--dataplane plane`, runs `case`, then checks that
+/// ksocks is idle. On failure the ksocks log tail is printed before the panic propagates.
+fn run_case(fam: Family, kind: Inbound, plane: &str, name: &str, case: fn(&mut Ctx)) {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new(kind, KSOCKS_PORT);
+    let mut args = vec!["--dataplane", plane];
+    args.extend_from_slice(extra_args(name));
+    let ks = Ksocks::serve(&topo, &args);
+    let mut ctx = Ctx { topo, ks, fam };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        case(&mut ctx);
+        // A case that stopped ksocks has checked its exit itself.
+        if ctx.ks.is_running() {
+            ctx.ks.assert_idle();
+        }
+    }));
+    if let Err(e) = r {
+        let path = format!(
+            "{}/ksocks-{fam:?}-{kind:?}-{plane}-{name}.log",
+            env!("CARGO_TARGET_TMPDIR")
+        )
+        .to_lowercase();
+        let saved = match std::fs::write(&path, ctx.ks.log()) {
+            Ok(()) => format!("full log: {path}"),
+            Err(e) => format!("could not save the full log to {path}: {e}"),
+        };
+        eprintln!(
+            "--- ksocks log ({name}, {fam:?}, {kind:?}, {plane}), last 30 lines ---\n{}\n--- {saved}",
+            ctx.ks.log_tail(30)
+        );
+        std::panic::resume_unwind(e);
+    }
+}
+
+macro_rules! case_tests {
+    ($fam:ident $kind:ident $plane:ident) => {
+        case_tests!(@each $fam $kind $plane;
+            upload_then_reply,
+            server_speaks_first,
+            ping_pong_from_first_byte,
+            bidirectional_bulk,
+            half_close_late_reply,
+            server_closes_first,
+            server_half_close_client_keeps_sending,
+            client_reset_mid_transfer,
+            slow_reader_bounded,
+            thousand_concurrent,
+            upstream_refused,
+            upstream_unreachable_times_out,
+            not_redirected_refused,
+            redirect_loop_refused,
+            sigterm_closes_and_exits_zero
+        );
+    };
+    (@each $fam:ident $kind:ident $plane:ident; $($case:ident),+) => {
+        $(
+            #[test]
+            fn $case() {
+                crate::run_case(
+                    crate::Family::$fam,
+                    crate::Inbound::$kind,
+                    stringify!($plane),
+                    stringify!($case),
+                    crate::cases::$case,
+                );
+            }
+        )+
+    };
+}
+
+macro_rules! matrix {
+    ($($plane:ident)+) => {
+        mod v4 {
+            mod redirect { $( mod $plane { case_tests!(V4 Redirect $plane); } )+ }
+            mod tproxy { $( mod $plane { case_tests!(V4 Tproxy $plane); } )+ }
+        }
+        mod v6 {
+            mod redirect { $( mod $plane { case_tests!(V6 Redirect $plane); } )+ }
+            mod tproxy { $( mod $plane { case_tests!(V6 Tproxy $plane); } )+ }
+        }
+    };
+}
+
+planes!();
+
+/// Spawns the server side: accepts one connection (≤ 10 s) and runs `f` on it.
+fn serve_one<T: Send + 'static>(
+    l: TcpListener,
+    f: impl FnOnce(TcpStream) -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    thread::spawn(move || {
+        let s = accept_timeout(&l, Duration::from_secs(10)).expect("server accept");
+        f(s)
+    })
+}
+
+/// A connection ksocks refuses: either reset before `connect` returned, or closed (EOF or
+/// reset) right after, without data.
+fn expect_refused(r: io::Result<TcpStream>, what: &str) {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: connect: {e}"),
+        Ok(mut s) => {
+            with_timeouts(&s, Duration::from_secs(5));
+            let _ = s.write_all(b"hello");
+            expect_eof(&mut s, what);
+        }
+    }
+}
+
+mod cases {
+    use super::*;
+
+    /// The client uploads and half-closes; the server replies only after that FIN.
+    pub fn upload_then_reply(c: &mut Ctx) {
+        let (up, down) = (8 * MIB, 4 * MIB);
+        let srv = serve_one(c.listen(), move |mut s| {
+            expect_stream(&mut s, 1, up, "server: upload");
+            send_pattern(&mut s, 2, down, 64 * 1024).expect("server: reply");
+        });
+        let mut s = c.connect();
+        send_all_and_shutdown(&mut s, 1, up);
+        expect_stream(&mut s, 2, down, "client: reply");
+        join(srv);
+        drop(s);
+        c.expect_close(up, down, "done");
+    }
+
+    /// The server sends a banner before the client says anything.
+    pub fn server_speaks_first(c: &mut Ctx) {
+        let srv = serve_one(c.listen(), |mut s| {
+            send_pattern(&mut s, 3, 1000, 1000).expect("server: banner");
+            let d = recv_exact_verify(&mut s, 4, 100).expect("server: request");
+            Digest::of_pattern(4, 100).assert_received(&d, "server: request");
+            send_pattern(&mut s, 5, 10_000, 10_000).expect("server: reply");
+        });
+        let mut s = c.connect();
+        let d = recv_exact_verify(&mut s, 3, 1000).expect("client: banner");
+        Digest::of_pattern(3, 1000).assert_received(&d, "client: banner");
+        send_pattern(&mut s, 4, 100, 100).expect("client: request");
+        expect_stream(&mut s, 5, 10_000, "client: reply");
+        join(srv);
+        drop(s);
+        c.expect_close(100, 11_000, "done");
+    }
+
+    /// Tiny requests in lockstep, the first written the instant connect returns.
+    pub fn ping_pong_from_first_byte(c: &mut Ctx) {
+        const ROUNDS: u64 = 100;
+        const SIZE: u64 = 16;
+        let srv = serve_one(c.listen(), |mut s| {
+            s.set_nodelay(true).unwrap();
+            for i in 0..ROUNDS {
+                let d = recv_exact_verify(&mut s, 100 + i, SIZE).expect("server: ping");
+                Digest::of_pattern(100 + i, SIZE).assert_received(&d, "server: ping");
+                send_pattern(&mut s, 10_000 + i, SIZE, SIZE as usize).expect("server: pong");
+            }
+            expect_eof(&mut s, "server: after pings");
+        });
+        let mut s = c.connect();
+        s.set_nodelay(true).unwrap();
+        let t0 = Instant::now();
+        for i in 0..ROUNDS {
+            send_pattern(&mut s, 100 + i, SIZE, SIZE as usize).expect("client: ping");
+            let d = recv_exact_verify(&mut s, 10_000 + i, SIZE).expect("client: pong");
+            Digest::of_pattern(10_000 + i, SIZE).assert_received(&d, "client: pong");
+        }
+        let rtt = t0.elapsed() / ROUNDS as u32;
+        eprintln!("ping-pong: {ROUNDS} rounds of {SIZE} B, mean round trip {rtt:?}");
+        s.shutdown(Shutdown::Write).unwrap();
+        expect_eof(&mut s, "client: end");
+        join(srv);
+        drop(s);
+        c.expect_close(ROUNDS * SIZE, ROUNDS * SIZE, "done");
+        // 40 ms per round would mean Nagle/delayed-ACK stalls in the relay.
+        assert!(
+            rtt < Duration::from_millis(20),
+            "ping-pong round trip {rtt:?}"
+        );
+    }
+
+    /// 64 MiB each way at the same time.
+    pub fn bidirectional_bulk(c: &mut Ctx) {
+        let n = 64 * MIB;
+        let srv = serve_one(c.listen(), move |s| {
+            let mut w = s.try_clone().unwrap();
+            let tx = thread::spawn(move || {
+                let d = send_pattern(&mut w, 6, n, 256 * 1024).expect("server: send");
+                w.shutdown(Shutdown::Write).unwrap();
+                d
+            });
+            let mut r = s;
+            expect_stream(&mut r, 7, n, "server: receive");
+            join(tx)
+        });
+        let s = c.connect();
+        let mut w = s.try_clone().unwrap();
+        let tx = thread::spawn(move || send_all_and_shutdown(&mut w, 7, n));
+        let mut r = s;
+        expect_stream(&mut r, 6, n, "client: receive");
+        join(tx);
+        join(srv);
+        drop(r);
+        c.expect_close(n, n, "done");
+    }
+
+    /// The client half-closes; the server answers 2 s later and ksocks keeps the connection.
+    pub fn half_close_late_reply(c: &mut Ctx) {
+        let srv = serve_one(c.listen(), |mut s| {
+            expect_stream(&mut s, 8, 65_536, "server: request");
+            thread::sleep(Duration::from_secs(2));
+            send_pattern(&mut s, 9, 65_536, 65_536).expect("server: late reply");
+        });
+        let mut s = c.connect();
+        send_all_and_shutdown(&mut s, 8, 65_536);
+        expect_stream(&mut s, 9, 65_536, "client: late reply");
+        join(srv);
+        drop(s);
+        c.expect_close(65_536, 65_536, "done");
+    }
+
+    /// The server sends its answer and closes fully before the client closes.
+    pub fn server_closes_first(c: &mut Ctx) {
+        let srv = serve_one(c.listen(), |mut s| {
+            let d = recv_exact_verify(&mut s, 10, 1024).expect("server: request");
+            Digest::of_pattern(10, 1024).assert_received(&d, "server: request");
+            send_pattern(&mut s, 11, MIB, 64 * 1024).expect("server: reply");
+            drop(s);
+        });
+        let mut s = c.connect();
+        send_pattern(&mut s, 10, 1024, 1024).expect("client: request");
+        expect_stream(&mut s, 11, MIB, "client: reply");
+        join(srv);
+        // Linger a moment with our side still open: ksocks must not leak a half-dead pair.
+        thread::sleep(Duration::from_millis(200));
+        drop(s);
+        c.expect_close(1024, MIB, "done");
+    }
+
+    /// The server half-closes first; the client's upload still flows afterwards.
+    pub fn server_half_close_client_keeps_sending(c: &mut Ctx) {
+        let srv = serve_one(c.listen(), |mut s| {
+            send_pattern(&mut s, 12, MIB, 64 * 1024).expect("server: send");
+            s.shutdown(Shutdown::Write).unwrap();
+            expect_stream(&mut s, 13, 4 * MIB, "server: upload after its FIN");
+        });
+        let mut s = c.connect();
+        expect_stream(&mut s, 12, MIB, "client: download");
+        send_all_and_shutdown(&mut s, 13, 4 * MIB);
+        join(srv);
+        expect_eof(&mut s, "client: final");
+        drop(s);
+        c.expect_close(4 * MIB, MIB, "done");
+    }
+
+    /// The client resets (SO_LINGER 0) in the middle of an upload; the server sees the end
+    /// within a few seconds, and everything it did receive is a correct prefix.
+    pub fn client_reset_mid_transfer(c: &mut Ctx) {
+        let srv = serve_one(c.listen(), |mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut v = Verifier::new(14);
+            let mut buf = vec![0u8; 64 * 1024];
+            let why = loop {
+                match read_some(&mut s, &mut buf) {
+                    Ok(0) => break "eof",
+                    Ok(n) => v.update(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break "reset",
+                    Err(e) => panic!("server: after {} bytes: {e} (reset not passed on)", v.len()),
+                }
+            };
+            (why, v.digest(), Instant::now())
+        });
+        let mut s = c.connect();
+        send_pattern(&mut s, 14, 2 * MIB, 64 * 1024).expect("client: send");
+        set_linger_zero(&s);
+        drop(s);
+        let t_reset = Instant::now();
+        let (why, d, t_seen) = join(srv);
+        assert_eq!(
+            d.first_diff, None,
+            "server received wrong bytes before the reset"
+        );
+        assert!(
+            d.len <= 2 * MIB,
+            "server got {} bytes, client sent {}",
+            d.len,
+            2 * MIB
+        );
+        let lag = t_seen.saturating_duration_since(t_reset);
+        assert!(
+            lag < Duration::from_secs(3),
+            "server saw {why} {lag:?} after the reset"
+        );
+        c.expect_end(&["client-reset"]);
+    }
+
+    /// The server sends 200 MiB to a client reading ~4 MB/s for 3 s: ksocks' RSS stays under
+    /// 16 MiB and the server is held back by TCP backpressure through the proxy.
+    ///
+    /// Bound on what the server can have written beyond what the client read: client rcvbuf
+    /// (256 KiB fixed, ~2x with overhead) + ksocks' downstream sndbuf (tcp_wmem max 4 MiB) +
+    /// its relay buffer + its upstream rcvbuf (tcp_rmem max 32 MiB here) + server sndbuf
+    /// (256 KiB fixed) < 48 MiB. RSS: the copy loop holds at most two buffers of
+    /// `--buffer-size` (16 KiB) per connection; 16 MiB leaves room for the binary and allocator
+    /// but fails long before userspace could queue a meaningful part of the stream.
+    pub fn slow_reader_bounded(c: &mut Ctx) {
+        const TOTAL: u64 = 200 * MIB;
+        const RSS_LIMIT_KIB: u64 = 16 * 1024;
+        let written = Arc::new(AtomicU64::new(0));
+        let w2 = written.clone();
+        let srv = serve_one(c.listen(), move |mut s| {
+            set_buf(&s, libc::SO_SNDBUF, 256 * 1024);
+            s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+            let mut p = Pattern::new(15);
+            let mut buf = vec![0u8; 64 * 1024];
+            while w2.load(Ordering::Relaxed) < TOTAL {
+                p.fill(&mut buf);
+                if s.write_all(&buf).is_err() {
+                    break; // the client went away (expected at the end)
+                }
+                w2.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let mut s = c.connect();
+        set_buf(&s, libc::SO_RCVBUF, 256 * 1024);
+        let mut v = Verifier::new(15);
+        let mut buf = vec![0u8; 16 * 1024];
+        let t0 = Instant::now();
+        let mut max_rss = 0;
+        let rate = 4_000_000.0; // bytes per second
+        while t0.elapsed() < Duration::from_secs(3) {
+            let n = read_some(&mut s, &mut buf).expect("client: slow read");
+            assert!(n > 0, "client: early EOF after {} bytes", v.len());
+            v.update(&buf[..n]);
+            let due = Duration::from_secs_f64(v.len() as f64 / rate);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                thread::sleep(wait);
+            }
+            max_rss = max_rss.max(c.ks.rss_kib());
+        }
+        let read = v.len();
+        let sent = written.load(Ordering::Relaxed);
+        eprintln!("slow reader: client read {read} B, server wrote {sent} B, ksocks max RSS {max_rss} KiB");
+        assert_eq!(v.digest().first_diff, None, "client read wrong bytes");
+        // ~12 MB at the target rate; far less means the relay stalls the slow reader.
+        assert!(read > 2 * MIB, "client only read {read} bytes in 3 s");
+        assert!(
+            sent < read + 48 * MIB,
+            "server wrote {sent} bytes while the client read {read}: not held back"
+        );
+        assert!(sent < TOTAL, "server wrote everything: no backpressure");
+        assert!(
+            max_rss < RSS_LIMIT_KIB,
+            "ksocks RSS {max_rss} KiB >= {RSS_LIMIT_KIB} KiB with a slow reader"
+        );
+        drop(s); // unread data: the close is a reset
+        join(srv);
+        c.expect_end(&["client-reset", "upstream-reset", "done", "error"]);
+    }
+
+    /// 1,000 connections open at once through ksocks, each a small exact exchange.
+    pub fn thousand_concurrent(c: &mut Ctx) {
+        const N: usize = 1000;
+        raise_nofile();
+        let l = c.listen();
+        let srv = thread::spawn(move || {
+            let mut conns = Vec::with_capacity(N);
+            for i in 0..N {
+                let s = accept_timeout(&l, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("server: accept #{i}: {e}"));
+                conns.push(s);
+            }
+            conns
+        });
+        let mut clients = c
+            .topo
+            .client_connect_many(c.dst(SERVER_PORT), N)
+            .expect("client: 1000 connects");
+        for (i, s) in clients.iter_mut().enumerate() {
+            s.write_all(&(i as u64).to_le_bytes()).unwrap();
+            send_pattern(s, 1_000_000 + i as u64, 56, 56).expect("client: request");
+        }
+        let mut servers = join(srv);
+        let mut st = Stats::default();
+        let all_open = wait_until(Duration::from_secs(10), || {
+            st = c.ks.stats();
+            st.open() == N as u64
+        });
+        assert!(
+            all_open,
+            "ksocks open={} with {N} live connections",
+            st.open()
+        );
+        eprintln!(
+            "thousand: ksocks RSS {} KiB with {N} open connections ({} fds)",
+            c.ks.rss_kib(),
+            c.ks.fd_count()
+        );
+        for s in servers.iter_mut() {
+            let mut idx = [0u8; 8];
+            s.read_exact(&mut idx).expect("server: request index");
+            let i = u64::from_le_bytes(idx);
+            assert!(i < N as u64, "server: bad index {i}");
+            let d = recv_exact_verify(s, 1_000_000 + i, 56).expect("server: request");
+            Digest::of_pattern(1_000_000 + i, 56).assert_received(&d, "server: request");
+            send_pattern(s, 2_000_000 + i, 256, 256).expect("server: reply");
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        for (i, s) in clients.iter_mut().enumerate() {
+            expect_stream(s, 2_000_000 + i as u64, 256, "client: reply");
+        }
+        drop(clients);
+        drop(servers);
+    }
+
+    /// Nothing listens on the destination: the client gets a reset at once.
+    pub fn upstream_refused(c: &mut Ctx) {
+        let t0 = Instant::now();
+        // ksocks may reset the accepted connection before connect() even returns here.
+        if let Ok(mut s) = c.topo.client_connect(c.dst(5009)) {
+            let mut b = [0u8; 1];
+            match read_some(&mut s, &mut b) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                other => panic!("client: expected a reset, got {other:?}"),
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "reset after {:?}",
+            t0.elapsed()
+        );
+        c.expect_end(&["refused"]);
+    }
+
+    /// SYNs to the destination are dropped: with --connect-timeout 2 the client is closed
+    /// after about 2 s.
+    pub fn upstream_unreachable_times_out(c: &mut Ctx) {
+        c.topo.server_blackhole(5010);
+        let mut s = c.connect_to(5010);
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        let t0 = Instant::now();
+        let mut b = [0u8; 1];
+        match read_some(&mut s, &mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("client: expected close after the connect timeout, got {other:?}"),
+        }
+        let t = t0.elapsed();
+        assert!(
+            t >= Duration::from_millis(1500) && t < Duration::from_secs(5),
+            "closed after {t:?}, connect timeout 2 s"
+        );
+        c.expect_end(&["timeout"]);
+    }
+
+    /// A connection made inside the router straight to the ksocks port (never redirected)
+    /// is closed and logged as no-destination or loop.
+    pub fn not_redirected_refused(c: &mut Ctx) {
+        let dst = match c.fam {
+            Family::V4 => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), KSOCKS_PORT),
+            Family::V6 => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), KSOCKS_PORT),
+        };
+        let r = c
+            .topo
+            .in_router(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .join()
+            .unwrap();
+        expect_refused(r, "router: direct connection");
+        c.expect_end(&["no-destination", "loop"]);
+    }
+
+    /// The client connects to the router's own address on the ksocks port: the rule sends it
+    /// to ksocks with ksocks itself as destination, which must be refused as a loop.
+    pub fn redirect_loop_refused(c: &mut Ctx) {
+        let dst = SocketAddr::new(c.topo.router_ip(c.fam), KSOCKS_PORT);
+        expect_refused(c.topo.client_connect(dst), "client: looped connection");
+        c.expect_end(&["loop", "no-destination"]);
+    }
+
+    /// SIGTERM with a connection open: ksocks closes it (logged `end=shutdown`) and exits 0.
+    pub fn sigterm_closes_and_exits_zero(c: &mut Ctx) {
+        let srv = serve_one(c.listen(), |mut s| {
+            let d = recv_exact_verify(&mut s, 16, 1000).expect("server: request");
+            Digest::of_pattern(16, 1000).assert_received(&d, "server: request");
+            expect_eof(&mut s, "server: after ksocks' shutdown");
+        });
+        let mut s = c.connect();
+        send_pattern(&mut s, 16, 1000, 1000).expect("client: request");
+        let mut st = Stats::default();
+        let open = wait_until(Duration::from_secs(5), || {
+            st = c.ks.stats();
+            st.open() == 1
+        });
+        assert!(open, "ksocks open={} with one live connection", st.open());
+        let status = c.ks.stop();
+        assert!(
+            matches!(status, Some(st) if st.success()),
+            "ksocks after SIGTERM: {status:?} (expected exit 0 within 3 s)"
+        );
+        expect_eof(&mut s, "client: after ksocks' shutdown");
+        join(srv);
+        assert!(
+            c.ks.log().contains("end=shutdown"),
+            "no end=shutdown close line; log:\n{}",
+            c.ks.log_tail(20)
+        );
+    }
+}
