@@ -489,8 +489,14 @@ impl Server {
     /// A destination that is one of our own listeners would make the proxy connect to itself
     /// for ever. With no NAT, SO_ORIGINAL_DST returns the accepted socket's own address; for
     /// TPROXY that is always the case, so only the listener addresses count there.
-    fn is_loop(&self, kind: ListenerKind, dest: &SocketAddr, client: std::os::fd::BorrowedFd) -> bool {
-        if kind == ListenerKind::Redirect && socket::local_addr(client).ok().as_ref() == Some(dest) {
+    fn is_loop(
+        &self,
+        kind: ListenerKind,
+        dest: &SocketAddr,
+        client: std::os::fd::BorrowedFd,
+    ) -> bool {
+        if kind == ListenerKind::Redirect && socket::local_addr(client).ok().as_ref() == Some(dest)
+        {
             return true;
         }
         self.listeners.iter().any(|l| {

@@ -125,7 +125,9 @@ pub fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
 /// without `IP_TRANSPARENT` succeeds only then.
 pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
     let addr = SocketAddr::new(ip, 0);
-    tcp_socket(&addr).and_then(|fd| bind(std::os::fd::AsFd::as_fd(&fd), &addr)).is_ok()
+    tcp_socket(&addr)
+        .and_then(|fd| bind(std::os::fd::AsFd::as_fd(&fd), &addr))
+        .is_ok()
 }
 
 pub fn bind(fd: BorrowedFd, addr: &SocketAddr) -> io::Result<()> {
