@@ -5,9 +5,13 @@
 //! - `User`: src is not hooked; userspace copies src -> dst through a small buffer (data that
 //!   arrived before insertion, a kick, a paused source, or a socket the kernel refused).
 //! - `Kernel`: src is in the hook map; the verdict program redirects its bytes to dst.
-//! - `Unhooking`: src was taken out of the hook map (budget exceeded, or bytes stranded);
-//!   waiting until the bytes the kernel already took from src have all entered dst's send
-//!   queue, because only then may userspace write to dst without reordering.
+//! - `Paused`: src was taken out of the hook map because more than `--inflight-max` bytes
+//!   wait in dst's psock queue; src's receive queue fills and TCP flow control holds the
+//!   sender. Once the queue is below half the budget, src is hooked again and kicked.
+//! - `Unhooking`: src was taken out of the hook map for userspace to finish (bytes stranded,
+//!   or the kernel refused re-insertion); waiting until the bytes the kernel already took
+//!   from src have all entered dst's send queue, because only then may userspace write to
+//!   dst without reordering.
 //! - `UserOnly`: like `User`, for good (re-insertion failed, e.g. src's FIN already arrived).
 //!
 //! The books (KERNEL-NOTES s.1, s.3, s.6), all from counters the kernel keeps:
@@ -65,6 +69,7 @@ impl Fallback {
 enum State {
     User,
     Kernel,
+    Paused,
     Unhooking,
     UserOnly,
 }
@@ -87,6 +92,8 @@ struct Dir {
     rx_base: u64,
     /// src's FIN was seen (EPOLLRDHUP) while the kernel was moving its bytes.
     fin: bool,
+    /// The kernel refused src; once in userspace it stays there.
+    refused: bool,
     /// Last poll's `kern` and `pending`, to see progress.
     last_kern: u64,
     last_pending: u64,
@@ -154,6 +161,7 @@ impl Spliced {
             base,
             rx_base,
             fin: false,
+            refused: false,
             last_kern: 0,
             last_pending: 0,
             last_poll: Instant::now(),
@@ -196,7 +204,7 @@ impl Spliced {
         for (i, d) in self.dirs.iter().enumerate() {
             let (src, dst) = (i, 1 - i);
             match d.state {
-                State::Kernel if !d.fin && !d.flow.shut => m[src] |= epoll::RDHUP,
+                State::Kernel | State::Paused if !d.fin && !d.flow.shut => m[src] |= epoll::RDHUP,
                 State::User | State::UserOnly => {
                     if d.flow.wants_read() {
                         m[src] |= epoll::IN;
@@ -263,7 +271,7 @@ pub fn on_event(conn: &mut Conn, off: &Offload, side: Side, events: u32) -> Opti
     }
     let d = dir_from(side);
     if let Phase::Sockmap(s) = &mut conn.phase {
-        if events & epoll::RDHUP != 0 && s.dirs[d].state == State::Kernel {
+        if events & epoll::RDHUP != 0 && matches!(s.dirs[d].state, State::Kernel | State::Paused) {
             s.dirs[d].fin = true;
         }
     }
@@ -331,6 +339,18 @@ fn books(
     })
 }
 
+/// Hands src to the kernel, then makes its stream parser look at the receive queue at once:
+/// bytes that arrived between the last userspace read (or the pause) and the insertion
+/// would otherwise wait for the next packet, which may never come (KERNEL-NOTES s.3).
+/// Setting `SO_RCVLOWAT` calls `tcp_data_ready()` (net/ipv4/tcp.c, `tcp_set_rcvlowat`,
+/// Linux >= 4.19), which runs the psock's data-ready hook; on older kernels the stranded-bytes
+/// check below still catches them. 1 is the default low-water mark, so nothing else changes.
+fn hook_and_kick(off: &Offload, src: BorrowedFd, cookie: u64) -> io::Result<()> {
+    off.hook(src, cookie)?;
+    let _ = socket::set_int_opt(src, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1);
+    Ok(())
+}
+
 fn advance(
     id: u64,
     s: &mut Spliced,
@@ -347,111 +367,149 @@ fn advance(
     if dir.flow.shut {
         return Ok(());
     }
+    let (from, to) = (src_side_name(d), dst_side_name(d));
     let src_side = src_of(d);
     loop {
-        match dir.state {
-            State::User | State::UserOnly => {
-                dir.flow.pump(src, dst).map_err(|b| match b {
-                    crate::relay::Broken::Src(_) => reset_of(src_side),
-                    crate::relay::Broken::Dst(_) => reset_of(src_side.other()),
-                })?;
-                let idle = dir.flow.pending() == 0 && dir.flow.drained && !dir.flow.eof;
-                if dir.state == State::UserOnly || !idle {
-                    return Ok(());
-                }
-                // Drained to EAGAIN with nothing held: hand src to the kernel (reading part
-                // of an skb and then inserting duplicates it, KERNEL-NOTES s.3).
-                match off.hook(src, cookie) {
-                    Ok(()) => {
-                        dir.state = State::Kernel;
-                        dir.last_poll = now;
-                        dir.stuck = 0;
-                        dir.interval = POLL_MIN;
-                        dir.next_poll = Some(now + POLL_MIN);
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        debug!("#{id}: {} -> {}: kernel refused the socket ({e}); finishing in userspace", src_side_name(d), dst_side_name(d));
-                        dir.state = State::UserOnly;
-                        s.fallback = Some(Fallback::of(&e));
-                        return Ok(());
-                    }
-                }
-            }
-            State::Kernel | State::Unhooking => {
-                let b = books(off, src, dst, cookie, dir).map_err(|_| End::Error)?;
-                let given = dir.flow.written + b.kern;
-                if b.entered > given || dir.flow.read + b.kern > b.received {
-                    crate::error!(
-                        "#{id}: kernel byte accounting broken ({} -> {}: received {} read {} redirected {} entered {} of {}); resetting",
-                        src_side_name(d), dst_side_name(d), b.received, dir.flow.read, b.kern, b.entered, given
-                    );
-                    return Err(End::Error);
-                }
-                let pending = b.received - dir.flow.read - b.kern;
-                let queued = given - b.entered;
-                let fin = dir.fin || b.src_fin;
-                if dir.state == State::Unhooking {
-                    if queued > 0 {
-                        dir.next_poll =
-                            Some(now + POLL_MIN.max(dir.interval.min(Duration::from_millis(20))));
-                        dir.interval = (dir.interval * 2).min(Duration::from_millis(20));
-                        return Ok(());
-                    }
-                    dir.state = State::User; // safe to write dst from userspace now
-                    continue;
-                }
-                if fin && pending == 0 && queued == 0 {
-                    dir.flow.shut = true;
-                    if let Err(e) = socket::shutdown_write(dst) {
-                        if e.raw_os_error() != Some(libc::ENOTCONN) {
-                            return Err(reset_of(src_side.other()));
-                        }
-                    }
-                    return Ok(());
-                }
-                let moved = b.kern != dir.last_kern;
-                dir.stuck = if pending > 0 && !moved && pending == dir.last_pending {
-                    dir.stuck + 1
-                } else {
-                    0
-                };
-                let rate_interval = if moved {
-                    // Poll often enough that the source cannot overfill half the budget.
-                    let dt = now.duration_since(dir.last_poll).as_secs_f64().max(1e-4);
-                    let rate = (b.kern - dir.last_kern) as f64 / dt;
-                    Duration::from_secs_f64(
-                        (inflight_max as f64 / 2.0 / rate).clamp(1e-3, POLL_MAX.as_secs_f64()),
-                    )
-                } else {
-                    (dir.interval * 2).min(POLL_MAX)
-                };
-                dir.last_kern = b.kern;
-                dir.last_pending = pending;
-                dir.last_poll = now;
-                if dir.stuck >= STUCK_POLLS || queued > inflight_max {
-                    if queued > inflight_max {
-                        debug!(
-                            "#{id}: {} -> {}: {queued} bytes in flight, pausing the source",
-                            src_side_name(d),
-                            dst_side_name(d)
-                        );
-                    }
-                    let _ = off.unhook(cookie);
-                    dir.state = State::Unhooking;
-                    dir.stuck = 0;
-                    dir.interval = POLL_MIN;
-                    continue;
-                }
-                dir.interval = if pending > 0 || fin {
-                    POLL_MIN
-                } else {
-                    rate_interval
-                };
-                dir.next_poll = Some(now + dir.interval);
+        if let State::User | State::UserOnly = dir.state {
+            dir.flow.pump(src, dst).map_err(|b| match b {
+                crate::relay::Broken::Src(_) => reset_of(src_side),
+                crate::relay::Broken::Dst(_) => reset_of(src_side.other()),
+            })?;
+            let idle = dir.flow.pending() == 0 && dir.flow.drained && !dir.flow.eof;
+            if dir.state == State::UserOnly || !idle {
                 return Ok(());
             }
+            // Drained to EAGAIN with nothing held: hand src to the kernel (reading part of an
+            // skb and then inserting duplicates it, KERNEL-NOTES s.3).
+            match hook_and_kick(off, src, cookie) {
+                Ok(()) => dir.enter_kernel(now),
+                Err(e) => {
+                    debug!("#{id}: {from} -> {to}: kernel refused the socket ({e}); finishing in userspace");
+                    dir.state = State::UserOnly;
+                    s.fallback = Some(Fallback::of(&e));
+                }
+            }
+            return Ok(());
         }
+        let b = books(off, src, dst, cookie, dir).map_err(|_| End::Error)?;
+        let given = dir.flow.written + b.kern;
+        if b.entered > given || dir.flow.read + b.kern > b.received {
+            crate::error!(
+                "#{id}: kernel byte accounting broken ({from} -> {to}: received {} read {} redirected {} entered {} of {}); resetting",
+                b.received, dir.flow.read, b.kern, b.entered, given
+            );
+            return Err(End::Error);
+        }
+        let pending = b.received - dir.flow.read - b.kern;
+        let queued = given - b.entered;
+        let fin = dir.fin || b.src_fin;
+        match dir.state {
+            State::Unhooking if queued > 0 => {
+                dir.backoff(now);
+                return Ok(());
+            }
+            State::Unhooking => {
+                // dst's psock queue is empty: userspace may write to dst without reordering.
+                dir.state = if dir.refused {
+                    State::UserOnly
+                } else {
+                    State::User
+                };
+                continue;
+            }
+            State::Paused if queued > inflight_max / 2 => {
+                dir.backoff(now);
+                return Ok(());
+            }
+            State::Paused => match hook_and_kick(off, src, cookie) {
+                Ok(()) => {
+                    debug!("#{id}: {from} -> {to}: {queued} bytes in flight, resuming the source");
+                    dir.enter_kernel(now);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Usually EOPNOTSUPP: src's FIN arrived while it was paused. Finish this
+                    // direction in userspace, once the kernel's queue has drained.
+                    debug!("#{id}: {from} -> {to}: cannot resume the source ({e}); finishing in userspace");
+                    dir.refused = true;
+                    dir.state = State::Unhooking;
+                    s.fallback = Some(Fallback::of(&e));
+                    continue;
+                }
+            },
+            _ => {}
+        }
+        // State::Kernel.
+        if fin && pending == 0 && queued == 0 {
+            dir.flow.shut = true;
+            if let Err(e) = socket::shutdown_write(dst) {
+                if e.raw_os_error() != Some(libc::ENOTCONN) {
+                    return Err(reset_of(src_side.other()));
+                }
+            }
+            return Ok(());
+        }
+        let moved = b.kern != dir.last_kern;
+        dir.stuck = if pending > 0 && !moved && pending == dir.last_pending {
+            dir.stuck + 1
+        } else {
+            0
+        };
+        let rate_interval = if moved {
+            // Poll often enough that the source cannot overfill half the budget.
+            let dt = now.duration_since(dir.last_poll).as_secs_f64().max(1e-4);
+            let rate = (b.kern - dir.last_kern) as f64 / dt;
+            Duration::from_secs_f64(
+                (inflight_max as f64 / 2.0 / rate).clamp(1e-3, POLL_MAX.as_secs_f64()),
+            )
+        } else {
+            (dir.interval * 2).min(POLL_MAX)
+        };
+        dir.last_kern = b.kern;
+        dir.last_pending = pending;
+        dir.last_poll = now;
+        if dir.stuck == STUCK_POLLS {
+            let _ = socket::set_int_opt(src, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1);
+        }
+        if dir.stuck > STUCK_POLLS + 2 {
+            // The kick did not help (an old kernel): let userspace read the stranded bytes.
+            debug!("#{id}: {from} -> {to}: {pending} bytes stranded, reading them in userspace");
+            let _ = off.unhook(cookie);
+            dir.state = State::Unhooking;
+            dir.interval = POLL_MIN;
+            continue;
+        }
+        if queued > inflight_max {
+            debug!("#{id}: {from} -> {to}: {queued} bytes in flight, pausing the source");
+            let _ = off.unhook(cookie);
+            dir.state = State::Paused;
+            dir.interval = POLL_MIN;
+            dir.next_poll = Some(now + POLL_MIN);
+            return Ok(());
+        }
+        dir.interval = if pending > 0 || fin {
+            POLL_MIN
+        } else {
+            rate_interval
+        };
+        dir.next_poll = Some(now + dir.interval);
+        return Ok(());
+    }
+}
+
+impl Dir {
+    fn enter_kernel(&mut self, now: Instant) {
+        self.state = State::Kernel;
+        self.last_poll = now;
+        self.stuck = 0;
+        self.interval = POLL_MIN;
+        self.next_poll = Some(now + POLL_MIN);
+    }
+
+    /// Waits for dst to drain: polls from 1 ms, backing off to 20 ms.
+    fn backoff(&mut self, now: Instant) {
+        self.next_poll = Some(now + self.interval);
+        self.interval = (self.interval * 2).min(Duration::from_millis(20));
     }
 }
 
