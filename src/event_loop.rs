@@ -19,7 +19,7 @@ use crate::sys::{self, epoll, socket};
 use crate::upstream::Upstream;
 use crate::{debug, error, info};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -34,6 +34,8 @@ const ACCEPT_BURST: usize = 64;
 const FD_BACKOFF: Duration = Duration::from_millis(100);
 /// Connect and idle timeouts, and idle pipes, are checked this often.
 const SWEEP: Duration = Duration::from_millis(250);
+/// The sockmap counters are scanned this often for quiet connections that became active.
+const SCAN: Duration = Duration::from_millis(100);
 /// A splice pipe unused this long is closed (two descriptors and a few pages saved).
 const PIPE_IDLE: Duration = Duration::from_secs(1);
 /// Pipe capacity for the splice plane: the kernel's default of 16 pages.
@@ -107,6 +109,10 @@ pub struct Server {
     stop: bool,
     /// Runs only when a SOCKS5 listener may ask for names.
     resolver: Option<Resolver>,
+    /// Sockmap: socket cookie -> (connection token, counter value last seen), for the scan.
+    watched: HashMap<u64, (u64, u64)>,
+    /// `None` when the kernel cannot batch-read the counters (then every direction polls).
+    next_scan: Option<Instant>,
 }
 
 /// Generations wrap at 31 bits so a connection token never has `LISTENER_FLAG` set.
@@ -159,7 +165,18 @@ impl Server {
             next_sweep: Instant::now() + SWEEP,
             stop: false,
             resolver: None,
+            watched: HashMap::new(),
+            next_scan: None,
         };
+        if let Plane::Sockmap(off) = &server.plane {
+            if off.counters(&mut Vec::new()).is_ok() {
+                server.next_scan = Some(Instant::now() + SCAN);
+            } else {
+                debug!(
+                    "BPF_MAP_LOOKUP_BATCH unsupported: every spliced connection polls its counters"
+                );
+            }
+        }
         if server
             .listeners
             .iter()
@@ -222,7 +239,7 @@ impl Server {
         if let Some(Reverse((t, _))) = self.timers.peek() {
             next = next.min(*t);
         }
-        if let Some(t) = self.backoff_until {
+        for t in [self.backoff_until, self.next_scan].into_iter().flatten() {
             next = next.min(t);
         }
         let wait = next.saturating_duration_since(now);
@@ -596,6 +613,7 @@ impl Server {
     fn enter_plane(&mut self, idx: usize) -> Option<End> {
         let buffer = self.cfg.buffer_size;
         let inflight = self.cfg.inflight_max;
+        let token = conn_token(self.slots[idx].gen, idx, Side::Client);
         let conn = self.slots[idx]
             .conn
             .as_mut()
@@ -614,7 +632,13 @@ impl Server {
                     inflight,
                     rx_base,
                 ) {
-                    Ok(s) => Phase::Sockmap(Box::new(s)),
+                    Ok(mut s) => {
+                        s.scanned = self.next_scan.is_some();
+                        for cookie in s.cookies() {
+                            self.watched.insert(cookie, (token, 0));
+                        }
+                        Phase::Sockmap(Box::new(s))
+                    }
                     Err((why, reason)) => {
                         self.stats.fallbacks[why as usize] += 1;
                         info!("#{} {} -> {}: sockmap unavailable for this connection ({reason}); using copy", conn.id, conn.client_addr, conn.dest);
@@ -894,6 +918,9 @@ impl Server {
         self.stats.closed_down += down;
         let plane = conn.plane();
         if let (Phase::Sockmap(s), Some(off)) = (&mut conn.phase, off) {
+            for cookie in s.cookies() {
+                self.watched.remove(&cookie);
+            }
             s.stop(off);
         }
         if end.resets() && !conn.replied {
@@ -956,6 +983,39 @@ impl Server {
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP;
             self.sweep(now);
+        }
+        if self.next_scan.is_some_and(|t| now >= t) {
+            self.next_scan = Some(now + SCAN);
+            self.scan();
+        }
+    }
+
+    /// Reads every sockmap counter in a few syscalls and polls the connections whose counters
+    /// moved since the last scan: quiet directions keep no timer of their own.
+    fn scan(&mut self) {
+        let Plane::Sockmap(off) = &self.plane else {
+            return;
+        };
+        let mut counters = Vec::with_capacity(self.watched.len());
+        if off.counters(&mut counters).is_err() {
+            return;
+        }
+        let mut woken = Vec::new();
+        for (cookie, value) in counters {
+            if let Some((token, last)) = self.watched.get_mut(&cookie) {
+                if *last != value {
+                    *last = value;
+                    woken.push(*token);
+                }
+            }
+        }
+        for token in woken {
+            let (gen, idx, _) = split_token(token);
+            let live = matches!(self.slots.get(idx), Some(s) if s.gen == gen && matches!(s.conn.as_ref().map(|c| &c.phase), Some(Phase::Sockmap(_))));
+            if live {
+                let end = self.sockmap_step(idx, None);
+                self.settle(idx, end);
+            }
         }
     }
 

@@ -78,6 +78,8 @@ enum State {
 const POLL_MIN: Duration = Duration::from_millis(1);
 /// ...and of an idle one at most this rarely.
 const POLL_MAX: Duration = Duration::from_millis(250);
+/// A direction idle for this long stops polling when the event loop scans the counters.
+const QUIET_AFTER: Duration = Duration::from_millis(32);
 /// A direction whose pending bytes have not moved for this many polls is stranded (the kernel
 /// only looks at its receive queue when a new packet arrives, KERNEL-NOTES s.3): kick it.
 const STUCK_POLLS: u8 = 2;
@@ -113,6 +115,9 @@ pub struct Spliced {
     /// A direction the kernel refused, not yet counted in the stats.
     pub fallback: Option<Fallback>,
     stopped: bool,
+    /// The event loop scans the counters map for activity (`Offload::counters`), so a quiet
+    /// direction needs no timer of its own.
+    pub scanned: bool,
 }
 
 /// Sides in direction order: index 0 is client -> upstream.
@@ -176,7 +181,12 @@ impl Spliced {
             scheduled: None,
             fallback: None,
             stopped: false,
+            scanned: false,
         })
+    }
+
+    pub fn cookies(&self) -> [u64; 2] {
+        self.cookies
     }
 
     pub fn bytes(&self, off: Option<&Offload>) -> (u64, u64) {
@@ -362,6 +372,7 @@ fn advance(
 ) -> Result<(), End> {
     let cookie = s.cookies[d];
     let inflight_max = s.inflight_max;
+    let s_scanned = s.scanned;
     let dir = &mut s.dirs[d];
     dir.next_poll = None;
     if dir.flow.shut {
@@ -492,7 +503,15 @@ fn advance(
         } else {
             rate_interval
         };
-        dir.next_poll = Some(now + dir.interval);
+        // Quiet (nothing moved for a while, nothing pending or queued): no timer, the
+        // counters scan wakes the connection when bytes move again. Stranded bytes can only
+        // appear at insertion, which the polls since then have ruled out.
+        let quiet = !moved && pending == 0 && queued == 0 && !fin && dir.interval >= QUIET_AFTER;
+        dir.next_poll = if quiet && s_scanned {
+            None
+        } else {
+            Some(now + dir.interval)
+        };
         return Ok(());
     }
 }

@@ -22,6 +22,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
 const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_PROG_ATTACH: libc::c_int = 8;
+const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
 // enum bpf_map_type
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
@@ -82,6 +83,24 @@ struct MapElemAttr {
     value: u64,
     flags: u64,
 }
+
+/// For `BPF_MAP_LOOKUP_BATCH` (the `batch` member of the union).
+#[repr(C)]
+#[derive(Default)]
+struct MapBatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Where a batch lookup resumes: an opaque token the kernel writes (a `u32` bucket index for
+/// hash maps), kept as bytes so that byte order never matters.
+pub type BatchToken = [u8; 8];
 
 #[repr(C)]
 #[derive(Default)]
@@ -220,6 +239,44 @@ impl Map {
         // SAFETY: key is NULL or a live slice of the key size; next is a live, exclusively
         // borrowed slice of the key size, which is what the kernel writes.
         self.done(CALL, unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) })
+    }
+
+    /// `BPF_MAP_LOOKUP_BATCH` (Linux >= 5.6): the entries after `token` (from the start if
+    /// `None`), as many as fit in `keys` (a multiple of the key size) and `values`. Returns
+    /// how many were written, the token to continue from, and whether the map ended.
+    pub fn lookup_batch(
+        &self,
+        token: Option<&BatchToken>,
+        keys: &mut [u8],
+        values: &mut [u8],
+    ) -> Result<(usize, BatchToken, bool), SyscallError> {
+        const CALL: &str = "BPF_MAP_LOOKUP_BATCH";
+        let n = keys.len() / self.key_size;
+        if n == 0 || values.len() < n * self.value_size {
+            let err = io::Error::new(io::ErrorKind::InvalidInput, "batch buffers too small");
+            return Err(SyscallError { call: CALL, err });
+        }
+        let mut next: BatchToken = [0; 8];
+        let mut attr = MapBatchAttr {
+            in_batch: token.map_or(0, |t| ptr(t.as_ptr())),
+            out_batch: ptr(next.as_mut_ptr()),
+            keys: ptr(keys.as_mut_ptr()),
+            values: ptr(values.as_mut_ptr()),
+            count: n as u32,
+            map_fd: self.fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the tokens are live 8-byte buffers (the kernel uses 4); keys and values are
+        // live, exclusively borrowed buffers for `count` keys and values, which is at most
+        // what the kernel writes; it writes the number written back into `attr.count`.
+        let ret = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        match ret {
+            Ok(_) => Ok((attr.count as usize, next, false)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                Ok((attr.count as usize, next, true))
+            }
+            Err(err) => Err(SyscallError { call: CALL, err }),
+        }
     }
 
     fn attr(&self, key: *const u8, value: *const u8, flags: u64) -> MapElemAttr {
@@ -404,6 +461,15 @@ mod tests {
         assert_eq!(offset!(p, prog_name), 48);
         assert_eq!(offset!(p, prog_ifindex), 64);
         assert_eq!(offset!(p, expected_attach_type), 68);
+
+        let b = MapBatchAttr::default();
+        assert_eq!(mem::size_of::<MapBatchAttr>(), 56);
+        assert_eq!(offset!(b, keys), 16);
+        assert_eq!(offset!(b, values), 24);
+        assert_eq!(offset!(b, count), 32);
+        assert_eq!(offset!(b, map_fd), 36);
+        assert_eq!(offset!(b, elem_flags), 40);
+        assert_eq!(offset!(b, flags), 48);
 
         let a = ProgAttachAttr::default();
         assert_eq!(mem::size_of::<ProgAttachAttr>(), 16);
