@@ -41,6 +41,9 @@ Data plane:
       --buffer-size BYTES    copy-loop buffer per direction (default 16384)
       --inflight-max BYTES   sockmap: bytes one direction may have in flight before the
                              source is paused (default 4194304)
+      --sndbuf BYTES         sockmap: SO_SNDBUF of spliced sockets (default 8388608; 0 = the
+                             kernel's autotuning); larger means fewer stalls of the kernel's
+                             psock worker, which retries a full socket one tick later
 
 Connections:
       --max-conns N          stop accepting at N open connections (default 4096)
@@ -105,6 +108,8 @@ pub struct Config {
     pub mark: Option<u32>,
     pub buffer_size: usize,
     pub inflight_max: u64,
+    /// SO_SNDBUF for sockmap sockets, 0 for the kernel's autotuning.
+    pub sndbuf: usize,
     pub user: Option<String>,
     /// See `log`: -1 quiet, 0 default, 1 and more verbose.
     pub verbosity: i8,
@@ -192,6 +197,7 @@ where
     let mut mark = None;
     let mut buffer_size = 16384;
     let mut inflight_max = 4 << 20;
+    let mut sndbuf = 8 << 20;
     let mut user = None;
     let mut verbosity: i8 = 0;
     let mut socks_auth = Vec::new();
@@ -276,6 +282,14 @@ where
                 let v = parse_value("--inflight-max", parser.value()?)?;
                 inflight_max = in_range("--inflight-max", v, 64 << 10, 1 << 32)?;
             }
+            Long("sndbuf") => {
+                sndbuf = in_range(
+                    "--sndbuf",
+                    parse_value("--sndbuf", parser.value()?)?,
+                    0,
+                    1 << 30,
+                )?;
+            }
             Long("user") => user = Some(parse_value("--user", parser.value()?)?),
             Short('v') | Long("verbose") => verbosity = verbosity.saturating_add(1).max(1),
             Short('q') | Long("quiet") => verbosity = -1,
@@ -298,6 +312,7 @@ where
         mark,
         buffer_size,
         inflight_max,
+        sndbuf,
         user,
         verbosity,
         socks_auth,
@@ -331,6 +346,8 @@ mod tests {
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.mark, None);
         assert_eq!(c.buffer_size, 16384);
+        assert_eq!(c.inflight_max, 4 << 20);
+        assert_eq!(c.sndbuf, 8 << 20);
         assert_eq!(c.verbosity, 0);
     }
 

@@ -613,6 +613,7 @@ impl Server {
     fn enter_plane(&mut self, idx: usize) -> Option<End> {
         let buffer = self.cfg.buffer_size;
         let inflight = self.cfg.inflight_max;
+        let sndbuf = self.cfg.sndbuf;
         let token = conn_token(self.slots[idx].gen, idx, Side::Client);
         let conn = self.slots[idx]
             .conn
@@ -631,6 +632,7 @@ impl Server {
                     buffer,
                     inflight,
                     rx_base,
+                    sndbuf,
                 ) {
                     Ok(mut s) => {
                         s.scanned = self.next_scan.is_some();
@@ -1069,8 +1071,10 @@ impl Server {
                 }
             }
             if let Some(end) = end {
+                // A SOCKS client that has not finished its request expects no CONNECT reply.
+                let requested = !matches!(conn.phase, Phase::Socks);
                 let end = match end {
-                    End::Timeout => self.refuse(idx, end, Rep::TtlExpired),
+                    End::Timeout if requested => self.refuse(idx, end, Rep::TtlExpired),
                     e => e,
                 };
                 self.finish(idx, end);

@@ -145,11 +145,24 @@ impl Spliced {
         buffer: usize,
         inflight_max: u64,
         rx_base: [u64; 2],
+        sndbuf: usize,
     ) -> Result<Spliced, (Fallback, String)> {
         let cookie = |fd| {
             socket::socket_cookie(fd).map_err(|e| (Fallback::Error, format!("SO_COOKIE: {e}")))
         };
         let cookies = [cookie(client)?, cookie(upstream)?];
+        if sndbuf > 0 {
+            // The psock worker that sends redirected bytes retries a full socket one jiffy
+            // later (4 ms at HZ=250, net/core/skmsg.c sk_psock_backlog), not when space frees:
+            // a larger send buffer makes those stalls rarer. FORCE (CAP_NET_ADMIN) may exceed
+            // net.core.wmem_max; without the capability the plain option caps at it.
+            let size = sndbuf.min(i32::MAX as usize) as i32;
+            for fd in [client, upstream] {
+                if socket::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size).is_err() {
+                    let _ = socket::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, size);
+                }
+            }
+        }
         let base = |dst| -> Result<u64, (Fallback, String)> {
             let b =
                 socket::tcp_bytes(dst).map_err(|e| (Fallback::Error, format!("TCP_INFO: {e}")))?;

@@ -6,6 +6,7 @@
 //! the test panics; every wait is bounded in time; only addresses from 198.18.0.0/15 and
 //! 2001:db8::/32 are used, and only inside namespaces created here.
 #![allow(dead_code)] // each test crate uses a different subset of the helpers
+pub mod peers;
 
 use std::collections::HashMap;
 use std::fs::File;
