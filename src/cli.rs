@@ -41,9 +41,10 @@ Data plane:
       --buffer-size BYTES    copy-loop buffer per direction (default 16384)
       --inflight-max BYTES   sockmap: bytes one direction may have in flight before the
                              source is paused (default 4194304)
-      --sndbuf BYTES         sockmap: SO_SNDBUF of spliced sockets (default 8388608; 0 = the
-                             kernel's autotuning); larger means fewer stalls of the kernel's
-                             psock worker, which retries a full socket one tick later
+      --sndbuf BYTES         sockmap: SO_SNDBUF of spliced sockets (default 0 = the kernel's
+                             autotuning). The kernel retries a full socket one tick later, so
+                             e.g. 8388608 moves bulk data faster on fast links, at the cost of
+                             that much more memory behind each slow reader
 
 Connections:
       --max-conns N          stop accepting at N open connections (default 4096)
@@ -197,7 +198,7 @@ where
     let mut mark = None;
     let mut buffer_size = 16384;
     let mut inflight_max = 4 << 20;
-    let mut sndbuf = 8 << 20;
+    let mut sndbuf = 0;
     let mut user = None;
     let mut verbosity: i8 = 0;
     let mut socks_auth = Vec::new();
@@ -347,7 +348,7 @@ mod tests {
         assert_eq!(c.mark, None);
         assert_eq!(c.buffer_size, 16384);
         assert_eq!(c.inflight_max, 4 << 20);
-        assert_eq!(c.sndbuf, 8 << 20);
+        assert_eq!(c.sndbuf, 0);
         assert_eq!(c.verbosity, 0);
     }
 

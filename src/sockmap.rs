@@ -352,8 +352,13 @@ fn books(
     let outq = socket::outq(dst)? as u64;
     let kern = off.forwarded(cookie);
     let s = socket::tcp_bytes(src)?;
-    // A received FIN counts one in bytes_received.
-    let src_fin = socket::tcp_state::fin_received(s.state);
+    // A received FIN counts one in bytes_received. CLOSE is a FIN after our own (the timewait
+    // socket took over) unless a reset left an error, which is the peer's reset.
+    let closed = s.state == socket::tcp_state::CLOSE;
+    if closed && socket::take_error(src)?.is_some() {
+        return Err(io::ErrorKind::ConnectionReset.into());
+    }
+    let src_fin = closed || socket::tcp_state::fin_received(s.state);
     Ok(Books {
         received: s.received.wrapping_sub(src_fin as u64 + dir.rx_base),
         src_fin,
@@ -415,7 +420,10 @@ fn advance(
             }
             return Ok(());
         }
-        let b = books(off, src, dst, cookie, dir).map_err(|_| End::Error)?;
+        let b = books(off, src, dst, cookie, dir).map_err(|e| match e.kind() {
+            io::ErrorKind::ConnectionReset => reset_of(src_side),
+            _ => End::Error,
+        })?;
         let given = dir.flow.written + b.kern;
         if b.entered > given || dir.flow.read + b.kern > b.received {
             crate::error!(

@@ -303,6 +303,9 @@ pub mod tcp_state {
     pub const LAST_ACK: u8 = 9;
     pub const CLOSING: u8 = 11;
     pub const TIME_WAIT: u8 = 6;
+    /// Also where a socket in FIN_WAIT2 goes when the FIN arrives (`tcp_time_wait` hands
+    /// the connection to a timewait socket and closes this one), and where a reset leaves it.
+    pub const CLOSE: u8 = 7;
 
     pub fn fin_received(state: u8) -> bool {
         matches!(state, CLOSE_WAIT | LAST_ACK | CLOSING | TIME_WAIT)
