@@ -27,6 +27,7 @@
 
 mod common;
 
+use common::cases::{serve_one, CaseCtx};
 use common::peers::*;
 use common::*;
 use std::io::{self, Read, Write};
@@ -184,12 +185,14 @@ impl Ctx {
         }
     }
 
-    fn listen(&self) -> TcpListener {
-        self.topo.server_listener(self.fam, SERVER_PORT)
-    }
-
     fn auth(&self) -> Option<(&'static str, &'static str)> {
         (self.mode == Mode::SocksAuth).then_some((USER, PASS))
+    }
+}
+
+impl CaseCtx for Ctx {
+    fn listen(&self) -> TcpListener {
+        self.topo.server_listener(self.fam, SERVER_PORT)
     }
 
     /// A client connection to the server's SERVER_PORT through this mode's chain. `first` is
@@ -233,18 +236,7 @@ impl Ctx {
     /// (a socket whose FIN arrived before insertion cannot join a sockmap, EOPNOTSUPP, and
     /// finishes on the copy plane), accepted only when ksocks logged it for this connection.
     fn expect_close(&self, up: u64, down: u64, end: &str) {
-        let parts = [
-            format!("up={up} "),
-            format!("down={down} "),
-            format!("end={end}"),
-        ];
-        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-        let Some(line) = self.ks.wait_close_line(&parts, Duration::from_secs(5)) else {
-            panic!(
-                "no close line with {parts:?}; log:\n{}",
-                self.ks.log_tail(20)
-            );
-        };
+        let line = self.ks.expect_close_line(up, down, end);
         if line.contains(&format!(" plane={} ", self.plane)) {
             return;
         }
@@ -268,33 +260,26 @@ impl Ctx {
     }
 
     fn expect_end(&self, ends: &[&str]) -> String {
-        let mut line = None;
-        wait_until(Duration::from_secs(5), || {
-            line = self
-                .ks
-                .log()
-                .lines()
-                .find(|l| {
-                    l.contains(" closed: ") && ends.iter().any(|e| l.contains(&format!("end={e}")))
-                })
-                .map(str::to_string);
-            line.is_some()
-        });
-        line.unwrap_or_else(|| {
-            panic!(
-                "no close line with end={ends:?}; log:\n{}",
-                self.ks.log_tail(20)
-            )
-        })
+        self.ks.expect_end(ends)
+    }
+
+    fn label(&self) -> String {
+        format!(" {:?} {}", self.mode, self.plane)
     }
 }
 
 /// A running test setup: its ksocks, and the output of whatever else it runs.
 trait Setup {
     fn ks(&mut self) -> &mut Ksocks;
-    /// Output of the peers (empty when there are none).
+    /// The peer it runs, if any.
+    fn peer(&self) -> Option<&Peer> {
+        None
+    }
+    /// Output of the peer (empty when there is none).
     fn peer_output(&self) -> String {
-        String::new()
+        self.peer()
+            .map(|p| format!("\n--- {} output ---\n{}", p.what, p.log()))
+            .unwrap_or_default()
     }
 }
 
@@ -361,26 +346,27 @@ fn run_interop(mode: Mode, fam: Family, plane: &'static str, name: &str, case: f
 /// first EOF), so its list leaves them out: that is microsocks' limit, not ksocks'.
 macro_rules! interop_cases {
     (full $mode:ident $plane:ident) => {
+        interop_cases!(@every_peer $mode $plane);
         interop_cases!(@each $mode $plane;
             upload_then_reply = V4 upload_then_reply,
             half_close_late_reply = V4 half_close_late_reply,
-            server_speaks_first = V4 server_speaks_first,
-            ping_pong_from_first_byte = V4 ping_pong_from_first_byte,
-            bidirectional_bulk = V4 bidirectional_bulk,
-            server_closes_first = V4 server_closes_first,
-            client_reset_mid_transfer = V4 client_reset_mid_transfer,
-            v6_upload_then_reply = V6 upload_then_reply,
-            v6_server_speaks_first = V6 server_speaks_first
+            v6_upload_then_reply = V6 upload_then_reply
         );
     };
     (no_half_close $mode:ident $plane:ident) => {
+        interop_cases!(@every_peer $mode $plane);
+        interop_cases!(@each $mode $plane;
+            v6_bidirectional_bulk = V6 bidirectional_bulk
+        );
+    };
+    // The cases of both lists.
+    (@every_peer $mode:ident $plane:ident) => {
         interop_cases!(@each $mode $plane;
             server_speaks_first = V4 server_speaks_first,
             ping_pong_from_first_byte = V4 ping_pong_from_first_byte,
             bidirectional_bulk = V4 bidirectional_bulk,
             server_closes_first = V4 server_closes_first,
             client_reset_mid_transfer = V4 client_reset_mid_transfer,
-            v6_bidirectional_bulk = V6 bidirectional_bulk,
             v6_server_speaks_first = V6 server_speaks_first
         );
     };
@@ -417,48 +403,17 @@ macro_rules! interop_matrix {
 
 planes!(interop_matrix);
 
-/// Spawns the server side: accepts one connection (≤ 10 s) and runs `f` on it.
-fn serve_one<T: Send + 'static>(
-    l: TcpListener,
-    f: impl FnOnce(TcpStream) -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    thread::spawn(move || {
-        let s = accept_timeout(&l, Duration::from_secs(10)).expect("server accept");
-        f(s)
-    })
-}
-
 mod cases {
     use super::*;
 
     /// The client uploads and half-closes; the server replies only after that FIN.
     pub fn upload_then_reply(c: &mut Ctx) {
-        let (up, down) = (2 * MIB, MIB);
-        let srv = serve_one(c.listen(), move |mut s| {
-            expect_stream(&mut s, 1, up, "server: upload");
-            send_pattern(&mut s, 2, down, 64 * 1024).expect("server: reply");
-        });
-        let mut s = c.connect();
-        send_all_and_shutdown(&mut s, 1, up);
-        expect_stream(&mut s, 2, down, "client: reply");
-        join(srv);
-        drop(s);
-        c.expect_close(up, down, "done");
+        common::cases::upload_then_reply(c, 2 * MIB, MIB);
     }
 
     /// The client half-closes; the server answers 1 s later and the chain keeps the connection.
     pub fn half_close_late_reply(c: &mut Ctx) {
-        let srv = serve_one(c.listen(), |mut s| {
-            expect_stream(&mut s, 8, 65_536, "server: request");
-            thread::sleep(Duration::from_secs(1));
-            send_pattern(&mut s, 9, 65_536, 65_536).expect("server: late reply");
-        });
-        let mut s = c.connect();
-        send_all_and_shutdown(&mut s, 8, 65_536);
-        expect_stream(&mut s, 9, 65_536, "client: late reply");
-        join(srv);
-        drop(s);
-        c.expect_close(65_536, 65_536, "done");
+        common::cases::half_close_late_reply(c, Duration::from_secs(1));
     }
 
     /// The server sends a banner before the client says anything (it arrives right behind the
@@ -487,42 +442,7 @@ mod cases {
     /// Tiny requests in lockstep, the first written the instant the connection opens (for a
     /// SOCKS client: in the same write as its greeting and request).
     pub fn ping_pong_from_first_byte(c: &mut Ctx) {
-        const ROUNDS: u64 = 50;
-        const SIZE: u64 = 16;
-        let srv = serve_one(c.listen(), |mut s| {
-            s.set_nodelay(true).unwrap();
-            for i in 0..ROUNDS {
-                let d = recv_exact_verify(&mut s, 100 + i, SIZE).expect("server: ping");
-                Digest::of_pattern(100 + i, SIZE).assert_received(&d, "server: ping");
-                send_pattern(&mut s, 10_000 + i, SIZE, SIZE as usize).expect("server: pong");
-            }
-            expect_eof(&mut s, "server: after pings");
-        });
-        let t0 = Instant::now();
-        let mut s = c.connect_with(&Pattern::bytes(100, SIZE as usize));
-        s.set_nodelay(true).unwrap();
-        for i in 0..ROUNDS {
-            if i > 0 {
-                send_pattern(&mut s, 100 + i, SIZE, SIZE as usize).expect("client: ping");
-            }
-            let d = recv_exact_verify(&mut s, 10_000 + i, SIZE).expect("client: pong");
-            Digest::of_pattern(10_000 + i, SIZE).assert_received(&d, "client: pong");
-        }
-        let rtt = t0.elapsed() / ROUNDS as u32;
-        eprintln!(
-            "ping-pong {:?} {}: {ROUNDS} rounds of {SIZE} B, mean round trip {rtt:?}",
-            c.mode, c.plane
-        );
-        s.shutdown(Shutdown::Write).unwrap();
-        expect_eof(&mut s, "client: end");
-        join(srv);
-        drop(s);
-        c.expect_close(ROUNDS * SIZE, ROUNDS * SIZE, "done");
-        // 40 ms per round would mean Nagle/delayed-ACK stalls somewhere in the chain.
-        assert!(
-            rtt < Duration::from_millis(30),
-            "ping-pong round trip {rtt:?}"
-        );
+        common::cases::ping_pong_from_first_byte(c, 50, Duration::from_millis(30), true);
     }
 
     /// 4 MiB each way at the same time; each side closes only after it received everything
@@ -557,65 +477,9 @@ mod cases {
         c.expect_close(n, n, "done");
     }
 
-    /// The server sends its answer and closes fully before the client closes.
-    pub fn server_closes_first(c: &mut Ctx) {
-        let srv = serve_one(c.listen(), |mut s| {
-            let d = recv_exact_verify(&mut s, 10, 1024).expect("server: request");
-            Digest::of_pattern(10, 1024).assert_received(&d, "server: request");
-            send_pattern(&mut s, 11, MIB, 64 * 1024).expect("server: reply");
-            drop(s);
-        });
-        let mut s = c.connect();
-        send_pattern(&mut s, 10, 1024, 1024).expect("client: request");
-        expect_stream(&mut s, 11, MIB, "client: reply");
-        join(srv);
-        // Linger a moment with our side still open: ksocks must not leak a half-dead pair.
-        thread::sleep(Duration::from_millis(200));
-        drop(s);
-        c.expect_close(1024, MIB, "done");
-    }
+    pub use common::cases::server_closes_first;
 
-    /// The client resets (SO_LINGER 0) in the middle of an upload; the server sees the end
-    /// (EOF or reset: a proxy in between may turn it into a FIN) within a few seconds, and
-    /// everything it received is a correct prefix.
-    pub fn client_reset_mid_transfer(c: &mut Ctx) {
-        let srv = serve_one(c.listen(), |mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut v = Verifier::new(14);
-            let mut buf = vec![0u8; 64 * 1024];
-            let why = loop {
-                match read_some(&mut s, &mut buf) {
-                    Ok(0) => break "eof",
-                    Ok(n) => v.update(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break "reset",
-                    Err(e) => panic!("server: after {} bytes: {e} (reset not passed on)", v.len()),
-                }
-            };
-            (why, v.digest(), Instant::now())
-        });
-        let mut s = c.connect();
-        send_pattern(&mut s, 14, 2 * MIB, 64 * 1024).expect("client: send");
-        set_linger_zero(&s);
-        drop(s);
-        let t_reset = Instant::now();
-        let (why, d, t_seen) = join(srv);
-        assert_eq!(
-            d.first_diff, None,
-            "server received wrong bytes before the reset"
-        );
-        assert!(
-            d.len <= 2 * MIB,
-            "server got {} bytes, client sent {}",
-            d.len,
-            2 * MIB
-        );
-        let lag = t_seen.saturating_duration_since(t_reset);
-        assert!(
-            lag < Duration::from_secs(3),
-            "server saw {why} {lag:?} after the reset"
-        );
-        c.expect_end(&["client-reset"]);
-    }
+    pub use common::cases::client_reset_mid_transfer;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -765,11 +629,8 @@ impl Setup for CurlCtx {
     fn ks(&mut self) -> &mut Ksocks {
         &mut self.ks
     }
-    fn peer_output(&self) -> String {
-        self.peer
-            .as_ref()
-            .map(|p| format!("\n--- {} output ---\n{}", p.what, p.log()))
-            .unwrap_or_default()
+    fn peer(&self) -> Option<&Peer> {
+        self.peer.as_ref()
     }
 }
 
@@ -821,35 +682,35 @@ fn run_curl(plane: &str, auth: CurlAuth, name: &str) {
     });
 }
 
+/// One `#[test]` per `name: CurlAuth variant`, for the data plane `$plane`.
+macro_rules! curl_tests {
+    ($plane:ident; $($(#[$doc:meta])* $name:ident: $auth:ident;)+) => {
+        $(
+            $(#[$doc])*
+            #[test]
+            fn $name() {
+                crate::run_curl(stringify!($plane), crate::CurlAuth::$auth, stringify!($name));
+            }
+        )+
+    };
+}
+
 macro_rules! curl_matrix {
     ($($plane:ident)+) => {
         mod curl {
             $(
                 mod $plane {
-                    /// No authentication.
-                    #[test]
-                    fn no_auth() {
-                        crate::run_curl(stringify!($plane), crate::CurlAuth::None, "no_auth");
-                    }
-                    /// `--socks-auth USER:PASS`; wrong and missing credentials are refused.
-                    #[test]
-                    fn auth_arg() {
-                        crate::run_curl(stringify!($plane), crate::CurlAuth::Arg, "auth_arg");
-                    }
-                    /// `--socks-auth-file` with two users; the second one is used.
-                    #[test]
-                    fn auth_file() {
-                        crate::run_curl(stringify!($plane), crate::CurlAuth::File, "auth_file");
-                    }
-                    /// ksocks chained to danted (`--upstream socks5://`).
-                    #[test]
-                    fn via_danted() {
-                        crate::run_curl(stringify!($plane), crate::CurlAuth::ViaDanted, "via_danted");
-                    }
-                    /// ksocks chained to microsocks with auth (`--upstream socks5://u:p@`).
-                    #[test]
-                    fn via_microsocks_auth() {
-                        crate::run_curl(stringify!($plane), crate::CurlAuth::ViaMicrosocksAuth, "via_microsocks_auth");
+                    curl_tests! { $plane;
+                        /// No authentication.
+                        no_auth: None;
+                        /// `--socks-auth USER:PASS`; wrong and missing credentials are refused.
+                        auth_arg: Arg;
+                        /// `--socks-auth-file` with two users; the second one is used.
+                        auth_file: File;
+                        /// ksocks chained to danted (`--upstream socks5://`).
+                        via_danted: ViaDanted;
+                        /// ksocks chained to microsocks with auth (`--upstream socks5://u:p@`).
+                        via_microsocks_auth: ViaMicrosocksAuth;
                     }
                 }
             )+
@@ -1158,6 +1019,47 @@ mod bad {
 
     const REQ_V4: [u8; 10] = [5, 1, 0, 1, 198, 19, 0, 2, 0x13, 0x89];
 
+    /// `REQ_V4` with byte `at` set to `value`.
+    fn req_v4_with(at: usize, value: u8) -> [u8; 10] {
+        let mut r = REQ_V4;
+        r[at] = value;
+        r
+    }
+
+    /// A no-auth greeting followed by the request `req`: expects the method selection, a
+    /// failure reply with REP `rep`, the close, and `log` and `end=<end>` logged.
+    fn check_request(c: &BadCtx, req: &[u8], rep: u8, log: &str, end: &str) {
+        c.check(
+            &cat(&[5, 1, 0], req),
+            false,
+            &cat(&[5, 0], &rep_bytes(rep)),
+            log,
+            end,
+        );
+    }
+
+    /// The greeting `g`: `[5, 0xFF]` (no acceptable method), then the close.
+    fn check_no_acceptable_method(c: &BadCtx, g: &[u8]) {
+        c.check(
+            g,
+            false,
+            &[5, 0xff],
+            "no acceptable authentication method",
+            "error",
+        );
+    }
+
+    /// Username/password method with wrong credentials: status 1, then the close.
+    fn check_auth_failed(c: &BadCtx, user: &str, pass: &str, log: &str) {
+        c.check(
+            &cat(&[5, 1, 2], &socks_auth(user, pass)),
+            false,
+            &[5, 2, 1, 1],
+            log,
+            "error",
+        );
+    }
+
     pub fn greeting_version_only_then_fin(c: &mut BadCtx) {
         c.check(&[5], true, &[], "closed during the handshake", "error");
     }
@@ -1183,26 +1085,14 @@ mod bad {
     }
 
     pub fn greeting_no_acceptable_method(c: &mut BadCtx) {
-        c.check(
-            &[5, 2, 0x80, 0xfe],
-            false,
-            &[5, 0xff],
-            "no acceptable authentication method",
-            "error",
-        );
+        check_no_acceptable_method(c, &[5, 2, 0x80, 0xfe]);
     }
 
     pub fn greeting_255_methods_none_acceptable(c: &mut BadCtx) {
         let mut g = vec![5, 255];
         g.extend((3..=255u8).chain([1, 1]));
         assert_eq!(g.len(), 257);
-        c.check(
-            &g,
-            false,
-            &[5, 0xff],
-            "no acceptable authentication method",
-            "error",
-        );
+        check_no_acceptable_method(c, &g);
     }
 
     pub fn greeting_255_methods_pipelined_connect(c: &mut BadCtx) {
@@ -1306,80 +1196,64 @@ mod bad {
     }
 
     pub fn request_wrong_version(c: &mut BadCtx) {
-        let mut r = REQ_V4;
-        r[0] = 4;
-        c.check(
-            &cat(&[5, 1, 0], &r),
-            false,
-            &cat(&[5, 0], &rep_bytes(1)),
+        check_request(
+            c,
+            &req_v4_with(0, 4),
+            1,
             "unsupported SOCKS version 4",
             "error",
         );
     }
 
     pub fn request_bind(c: &mut BadCtx) {
-        let mut r = REQ_V4;
-        r[1] = CMD_BIND;
-        c.check(
-            &cat(&[5, 1, 0], &r),
-            false,
-            &cat(&[5, 0], &rep_bytes(7)),
-            "not supported",
-            "error",
-        );
+        check_request(c, &req_v4_with(1, CMD_BIND), 7, "not supported", "error");
     }
 
     pub fn request_udp_associate(c: &mut BadCtx) {
-        let mut r = REQ_V4;
-        r[1] = CMD_UDP_ASSOCIATE;
-        c.check(
-            &cat(&[5, 1, 0], &r),
-            false,
-            &cat(&[5, 0], &rep_bytes(7)),
+        check_request(
+            c,
+            &req_v4_with(1, CMD_UDP_ASSOCIATE),
+            7,
             "not supported",
             "error",
         );
     }
 
     pub fn request_unknown_command(c: &mut BadCtx) {
-        let mut r = REQ_V4;
-        r[1] = 9;
-        c.check(
-            &cat(&[5, 1, 0], &r),
-            false,
-            &cat(&[5, 0], &rep_bytes(7)),
+        check_request(
+            c,
+            &req_v4_with(1, 9),
+            7,
             "unknown SOCKS command 0x09",
             "error",
         );
     }
 
     pub fn request_bad_atyp(c: &mut BadCtx) {
-        let mut r = REQ_V4;
-        r[3] = 9;
-        c.check(
-            &cat(&[5, 1, 0], &r),
-            false,
-            &cat(&[5, 0], &rep_bytes(8)),
+        check_request(
+            c,
+            &req_v4_with(3, 9),
+            8,
             "unknown address type 0x09",
             "error",
         );
     }
 
     pub fn request_empty_domain(c: &mut BadCtx) {
-        c.check(
-            &[5, 1, 0, 5, 1, 0, 3, 0, 0x13, 0x89],
-            false,
-            &cat(&[5, 0], &rep_bytes(1)),
+        check_request(
+            c,
+            &[5, 1, 0, 3, 0, 0x13, 0x89],
+            1,
             "empty or non-UTF-8 domain name",
             "error",
         );
     }
 
     pub fn request_non_utf8_domain(c: &mut BadCtx) {
-        c.check(
-            &[5, 1, 0, 5, 1, 0, 3, 2, 0xff, 0xfe, 0x13, 0x89],
-            false,
-            &cat(&[5, 0], &rep_bytes(1)),
+        check_request(
+            c,
+            &[5, 1, 0, 3, 2, 0xff, 0xfe, 0x13, 0x89],
+            1,
             "empty or non-UTF-8 domain name",
             "error",
         );
@@ -1410,64 +1284,33 @@ mod bad {
             CMD_CONNECT,
             &Target::Name("nonexistent.ksocks.test".into(), SERVER_PORT),
         );
-        c.check(
-            &cat(&[5, 1, 0], &req),
-            false,
-            &cat(&[5, 0], &rep_bytes(4)),
-            "cannot resolve",
-            "unreachable",
-        );
+        check_request(c, &req, 4, "cannot resolve", "unreachable");
     }
 
     pub fn user_pass_offered_without_auth_configured(c: &mut BadCtx) {
-        c.check(
-            &[5, 1, 2],
-            false,
-            &[5, 0xff],
-            "no acceptable authentication method",
-            "error",
-        );
+        check_no_acceptable_method(c, &[5, 1, 2]);
     }
 
     pub fn auth_required_no_auth_offered(c: &mut BadCtx) {
-        c.check(
-            &[5, 1, 0],
-            false,
-            &[5, 0xff],
-            "no acceptable authentication method",
-            "error",
-        );
+        check_no_acceptable_method(c, &[5, 1, 0]);
     }
 
     pub fn auth_wrong_password(c: &mut BadCtx) {
-        c.check(
-            &cat(&[5, 1, 2], &socks_auth(USER, "wrong")),
-            false,
-            &[5, 2, 1, 1],
-            "authentication failed for user 'alice'",
-            "error",
-        );
+        check_auth_failed(c, USER, "wrong", "authentication failed for user 'alice'");
     }
 
     pub fn auth_unknown_user(c: &mut BadCtx) {
-        c.check(
-            &cat(&[5, 1, 2], &socks_auth("mallory", PASS)),
-            false,
-            &[5, 2, 1, 1],
+        check_auth_failed(
+            c,
+            "mallory",
+            PASS,
             "authentication failed for user 'mallory'",
-            "error",
         );
     }
 
     pub fn auth_max_length_credentials(c: &mut BadCtx) {
         let (u, p) = ("u".repeat(255), "p".repeat(255));
-        c.check(
-            &cat(&[5, 1, 2], &socks_auth(&u, &p)),
-            false,
-            &[5, 2, 1, 1],
-            "authentication failed for user 'uuuu",
-            "error",
-        );
+        check_auth_failed(c, &u, &p, "authentication failed for user 'uuuu");
     }
 
     pub fn auth_empty_username(c: &mut BadCtx) {
@@ -1664,11 +1507,8 @@ impl Setup for FailCtx {
     fn ks(&mut self) -> &mut Ksocks {
         &mut self.ks
     }
-    fn peer_output(&self) -> String {
-        self.peer
-            .as_ref()
-            .map(|p| format!("\n--- {} output ---\n{}", p.what, p.log()))
-            .unwrap_or_default()
+    fn peer(&self) -> Option<&Peer> {
+        self.peer.as_ref()
     }
 }
 
@@ -1778,6 +1618,18 @@ impl FailCtx {
         r.rep
     }
 
+    /// `expect_redirect_reset`, then a log line with `part`.
+    fn expect_reset_logged(&self, part: &str) {
+        self.expect_redirect_reset();
+        self.expect_log(part);
+    }
+
+    /// `socks_rep` must be 5, then a log line with `part`.
+    fn expect_rep5_logged(&self, part: &str) {
+        assert_eq!(self.socks_rep(), 5, "REP to the SOCKS client");
+        self.expect_log(part);
+    }
+
     fn expect_log(&self, part: &str) {
         assert!(
             self.ks.wait_for_log(part, Duration::from_secs(5)),
@@ -1787,16 +1639,7 @@ impl FailCtx {
     }
 
     fn expect_end(&self, ends: &[&str]) {
-        let ok = wait_until(Duration::from_secs(5), || {
-            self.ks.log().lines().any(|l| {
-                l.contains(" closed: ") && ends.iter().any(|e| l.contains(&format!("end={e}")))
-            })
-        });
-        assert!(
-            ok,
-            "no close line with end={ends:?}; log:\n{}",
-            self.ks.log_tail(20)
-        );
+        self.ks.expect_end(ends);
     }
 }
 
@@ -1828,10 +1671,7 @@ mod upstream_failure {
             false,
             FailPeer::Microsocks,
             "socks5://{up}",
-            |c| {
-                c.expect_redirect_reset();
-                c.expect_log("upstream replied 5 (");
-            },
+            |c| c.expect_reset_logged("upstream replied 5 ("),
         );
     }
 
@@ -1844,10 +1684,7 @@ mod upstream_failure {
             false,
             FailPeer::Danted,
             "socks5://{up}",
-            |c| {
-                c.expect_redirect_reset();
-                c.expect_log("upstream replied 5 (");
-            },
+            |c| c.expect_reset_logged("upstream replied 5 ("),
         );
     }
 
@@ -1861,10 +1698,7 @@ mod upstream_failure {
             true,
             FailPeer::Microsocks,
             "socks5://{up}",
-            |c| {
-                assert_eq!(c.socks_rep(), 5, "REP to the SOCKS client");
-                c.expect_log("upstream replied 5 (");
-            },
+            |c| c.expect_rep5_logged("upstream replied 5 ("),
         );
     }
 
@@ -1877,10 +1711,7 @@ mod upstream_failure {
             false,
             FailPeer::MicrosocksAuth,
             "socks5://alice:wrong@{up}",
-            |c| {
-                c.expect_redirect_reset();
-                c.expect_log("upstream: authentication failed");
-            },
+            |c| c.expect_reset_logged("upstream: authentication failed"),
         );
     }
 
@@ -1894,10 +1725,7 @@ mod upstream_failure {
             false,
             FailPeer::DantedAuth,
             "socks5://{user}:wrong@{up}",
-            |c| {
-                c.expect_redirect_reset();
-                c.expect_log("upstream: authentication failed");
-            },
+            |c| c.expect_reset_logged("upstream: authentication failed"),
         );
     }
 
@@ -1910,10 +1738,7 @@ mod upstream_failure {
             false,
             FailPeer::MicrosocksAuth,
             "socks5://{up}",
-            |c| {
-                c.expect_redirect_reset();
-                c.expect_log("upstream refused our authentication methods");
-            },
+            |c| c.expect_reset_logged("upstream refused our authentication methods"),
         );
     }
 
@@ -1927,8 +1752,7 @@ mod upstream_failure {
             FailPeer::None,
             "socks5://{up}",
             |c| {
-                c.expect_redirect_reset();
-                c.expect_log("connect: Connection refused");
+                c.expect_reset_logged("connect: Connection refused");
                 c.expect_end(&["refused"]);
             },
         );
@@ -1944,8 +1768,7 @@ mod upstream_failure {
             FailPeer::None,
             "socks5://{up}",
             |c| {
-                assert_eq!(c.socks_rep(), 5, "REP to the SOCKS client");
-                c.expect_log("connect: Connection refused");
+                c.expect_rep5_logged("connect: Connection refused");
                 c.expect_end(&["refused"]);
             },
         );
@@ -1961,8 +1784,7 @@ mod upstream_failure {
             FailPeer::None,
             "ss://none@{up}",
             |c| {
-                c.expect_redirect_reset();
-                c.expect_log("connect: Connection refused");
+                c.expect_reset_logged("connect: Connection refused");
                 c.expect_end(&["refused"]);
             },
         );
@@ -2000,8 +1822,7 @@ mod upstream_failure {
     #[test]
     fn direct_socks_destination_refused_rep5() {
         run_fail("direct_socks_refused", &[], true, FailPeer::None, "", |c| {
-            assert_eq!(c.socks_rep(), 5, "REP to the SOCKS client");
-            c.expect_log("connect: Connection refused");
+            c.expect_rep5_logged("connect: Connection refused");
             c.expect_end(&["refused"]);
         });
     }

@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::cases::{serve_one, CaseCtx};
 use common::*;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -42,53 +43,31 @@ impl Ctx {
     fn dst(&self, port: u16) -> SocketAddr {
         self.topo.server_addr(self.fam, port)
     }
-    fn listen(&self) -> TcpListener {
-        self.topo.server_listener(self.fam, SERVER_PORT)
-    }
-    fn connect(&self) -> TcpStream {
-        self.connect_to(SERVER_PORT)
-    }
     fn connect_to(&self, port: u16) -> TcpStream {
         let dst = self.dst(port);
         self.topo
             .client_connect(dst)
             .unwrap_or_else(|e| panic!("client connect to {dst}: {e}"))
     }
-    /// Waits for the close line of a connection with these byte counts and end reason.
+}
+
+impl CaseCtx for Ctx {
+    fn listen(&self) -> TcpListener {
+        self.topo.server_listener(self.fam, SERVER_PORT)
+    }
+    fn connect(&self) -> TcpStream {
+        self.connect_to(SERVER_PORT)
+    }
+    fn connect_with(&self, first: &[u8]) -> TcpStream {
+        let mut s = self.connect();
+        s.write_all(first).expect("client: first bytes");
+        s
+    }
     fn expect_close(&self, up: u64, down: u64, end: &str) {
-        let up = format!("up={up} ");
-        let down = format!("down={down} ");
-        let end = format!("end={end}");
-        if self
-            .ks
-            .wait_close_line(&[&up, &down, &end], Duration::from_secs(5))
-            .is_none()
-        {
-            panic!(
-                "no close line with {up}{down}{end}; log:\n{}",
-                self.ks.log_tail(20)
-            );
-        }
+        self.ks.expect_close_line(up, down, end);
     }
     fn expect_end(&self, ends: &[&str]) -> String {
-        let mut line = None;
-        wait_until(Duration::from_secs(5), || {
-            line = self
-                .ks
-                .log()
-                .lines()
-                .find(|l| {
-                    l.contains(" closed: ") && ends.iter().any(|e| l.contains(&format!("end={e}")))
-                })
-                .map(str::to_string);
-            line.is_some()
-        });
-        line.unwrap_or_else(|| {
-            panic!(
-                "no close line with end={ends:?}; log:\n{}",
-                self.ks.log_tail(20)
-            )
-        })
+        self.ks.expect_end(ends)
     }
 }
 
@@ -187,17 +166,6 @@ macro_rules! matrix {
 
 planes!();
 
-/// Spawns the server side: accepts one connection (≤ 10 s) and runs `f` on it.
-fn serve_one<T: Send + 'static>(
-    l: TcpListener,
-    f: impl FnOnce(TcpStream) -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    thread::spawn(move || {
-        let s = accept_timeout(&l, Duration::from_secs(10)).expect("server accept");
-        f(s)
-    })
-}
-
 /// A connection ksocks refuses: either reset before `connect` returned, or closed (EOF or
 /// reset) right after, without data.
 fn expect_refused(r: io::Result<TcpStream>, what: &str) {
@@ -217,17 +185,7 @@ mod cases {
 
     /// The client uploads and half-closes; the server replies only after that FIN.
     pub fn upload_then_reply(c: &mut Ctx) {
-        let (up, down) = (8 * MIB, 4 * MIB);
-        let srv = serve_one(c.listen(), move |mut s| {
-            expect_stream(&mut s, 1, up, "server: upload");
-            send_pattern(&mut s, 2, down, 64 * 1024).expect("server: reply");
-        });
-        let mut s = c.connect();
-        send_all_and_shutdown(&mut s, 1, up);
-        expect_stream(&mut s, 2, down, "client: reply");
-        join(srv);
-        drop(s);
-        c.expect_close(up, down, "done");
+        common::cases::upload_then_reply(c, 8 * MIB, 4 * MIB);
     }
 
     /// The server sends a banner before the client says anything.
@@ -250,37 +208,7 @@ mod cases {
 
     /// Tiny requests in lockstep, the first written the instant connect returns.
     pub fn ping_pong_from_first_byte(c: &mut Ctx) {
-        const ROUNDS: u64 = 100;
-        const SIZE: u64 = 16;
-        let srv = serve_one(c.listen(), |mut s| {
-            s.set_nodelay(true).unwrap();
-            for i in 0..ROUNDS {
-                let d = recv_exact_verify(&mut s, 100 + i, SIZE).expect("server: ping");
-                Digest::of_pattern(100 + i, SIZE).assert_received(&d, "server: ping");
-                send_pattern(&mut s, 10_000 + i, SIZE, SIZE as usize).expect("server: pong");
-            }
-            expect_eof(&mut s, "server: after pings");
-        });
-        let mut s = c.connect();
-        s.set_nodelay(true).unwrap();
-        let t0 = Instant::now();
-        for i in 0..ROUNDS {
-            send_pattern(&mut s, 100 + i, SIZE, SIZE as usize).expect("client: ping");
-            let d = recv_exact_verify(&mut s, 10_000 + i, SIZE).expect("client: pong");
-            Digest::of_pattern(10_000 + i, SIZE).assert_received(&d, "client: pong");
-        }
-        let rtt = t0.elapsed() / ROUNDS as u32;
-        eprintln!("ping-pong: {ROUNDS} rounds of {SIZE} B, mean round trip {rtt:?}");
-        s.shutdown(Shutdown::Write).unwrap();
-        expect_eof(&mut s, "client: end");
-        join(srv);
-        drop(s);
-        c.expect_close(ROUNDS * SIZE, ROUNDS * SIZE, "done");
-        // 40 ms per round would mean Nagle/delayed-ACK stalls in the relay.
-        assert!(
-            rtt < Duration::from_millis(20),
-            "ping-pong round trip {rtt:?}"
-        );
+        common::cases::ping_pong_from_first_byte(c, 100, Duration::from_millis(20), false);
     }
 
     /// 64 MiB each way at the same time.
@@ -310,36 +238,10 @@ mod cases {
 
     /// The client half-closes; the server answers 2 s later and ksocks keeps the connection.
     pub fn half_close_late_reply(c: &mut Ctx) {
-        let srv = serve_one(c.listen(), |mut s| {
-            expect_stream(&mut s, 8, 65_536, "server: request");
-            thread::sleep(Duration::from_secs(2));
-            send_pattern(&mut s, 9, 65_536, 65_536).expect("server: late reply");
-        });
-        let mut s = c.connect();
-        send_all_and_shutdown(&mut s, 8, 65_536);
-        expect_stream(&mut s, 9, 65_536, "client: late reply");
-        join(srv);
-        drop(s);
-        c.expect_close(65_536, 65_536, "done");
+        common::cases::half_close_late_reply(c, Duration::from_secs(2));
     }
 
-    /// The server sends its answer and closes fully before the client closes.
-    pub fn server_closes_first(c: &mut Ctx) {
-        let srv = serve_one(c.listen(), |mut s| {
-            let d = recv_exact_verify(&mut s, 10, 1024).expect("server: request");
-            Digest::of_pattern(10, 1024).assert_received(&d, "server: request");
-            send_pattern(&mut s, 11, MIB, 64 * 1024).expect("server: reply");
-            drop(s);
-        });
-        let mut s = c.connect();
-        send_pattern(&mut s, 10, 1024, 1024).expect("client: request");
-        expect_stream(&mut s, 11, MIB, "client: reply");
-        join(srv);
-        // Linger a moment with our side still open: ksocks must not leak a half-dead pair.
-        thread::sleep(Duration::from_millis(200));
-        drop(s);
-        c.expect_close(1024, MIB, "done");
-    }
+    pub use common::cases::server_closes_first;
 
     /// The server half-closes first; the client's upload still flows afterwards.
     pub fn server_half_close_client_keeps_sending(c: &mut Ctx) {
@@ -357,46 +259,7 @@ mod cases {
         c.expect_close(4 * MIB, MIB, "done");
     }
 
-    /// The client resets (SO_LINGER 0) in the middle of an upload; the server sees the end
-    /// within a few seconds, and everything it did receive is a correct prefix.
-    pub fn client_reset_mid_transfer(c: &mut Ctx) {
-        let srv = serve_one(c.listen(), |mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut v = Verifier::new(14);
-            let mut buf = vec![0u8; 64 * 1024];
-            let why = loop {
-                match read_some(&mut s, &mut buf) {
-                    Ok(0) => break "eof",
-                    Ok(n) => v.update(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break "reset",
-                    Err(e) => panic!("server: after {} bytes: {e} (reset not passed on)", v.len()),
-                }
-            };
-            (why, v.digest(), Instant::now())
-        });
-        let mut s = c.connect();
-        send_pattern(&mut s, 14, 2 * MIB, 64 * 1024).expect("client: send");
-        set_linger_zero(&s);
-        drop(s);
-        let t_reset = Instant::now();
-        let (why, d, t_seen) = join(srv);
-        assert_eq!(
-            d.first_diff, None,
-            "server received wrong bytes before the reset"
-        );
-        assert!(
-            d.len <= 2 * MIB,
-            "server got {} bytes, client sent {}",
-            d.len,
-            2 * MIB
-        );
-        let lag = t_seen.saturating_duration_since(t_reset);
-        assert!(
-            lag < Duration::from_secs(3),
-            "server saw {why} {lag:?} after the reset"
-        );
-        c.expect_end(&["client-reset"]);
-    }
+    pub use common::cases::client_reset_mid_transfer;
 
     /// The server sends 200 MiB to a client reading ~4 MB/s for 3 s: ksocks' RSS stays under
     /// 16 MiB and the server is held back by TCP backpressure through the proxy.

@@ -6,6 +6,7 @@
 //! the test panics; every wait is bounded in time; only addresses from 198.18.0.0/15 and
 //! 2001:db8::/32 are used, and only inside namespaces created here.
 #![allow(dead_code)] // each test crate uses a different subset of the helpers
+pub mod cases;
 pub mod peers;
 
 use std::collections::HashMap;
@@ -48,14 +49,26 @@ pub fn require_root() -> bool {
             missing.push(tool);
         }
     }
+    prerequisites(
+        &missing,
+        "network namespace tests need",
+        "",
+        "run as root with iproute2 and nftables installed",
+    )
+}
+
+/// The verdict of a `require_*` check: true when nothing is `missing`. Otherwise outside CI
+/// prints `SKIP: <need> <missing>; <hint>` and returns false; with `CI=true` panics, adding
+/// `ci_note` to the reason.
+pub fn prerequisites(missing: &[&str], need: &str, ci_note: &str, hint: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("network namespace tests need {}", missing.join(", "));
+    let msg = format!("{need} {}", missing.join(", "));
     if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg} (CI=true: a missing prerequisite is a failure)");
+        panic!("{msg} (CI=true: a missing prerequisite is a failure{ci_note})");
     }
-    eprintln!("SKIP: {msg}; run as root with iproute2 and nftables installed");
+    eprintln!("SKIP: {msg}; {hint}");
     false
 }
 
@@ -157,27 +170,10 @@ fn sweep_stale() {
     let Ok(dir) = std::fs::read_dir("/run/netns") else {
         return;
     };
-    let live: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
-                .map(|pid| pid % 10000)
-                .collect()
-        })
-        .unwrap_or_default();
+    let live = live_pid_suffixes();
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("ks") else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split('-').collect();
-        if parts.len() != 3
-            || !matches!(parts[2], "c" | "r" | "s")
-            || parts[1].parse::<u32>().is_err()
-        {
-            continue;
-        }
-        let Ok(p) = parts[0].parse::<u32>() else {
+        let Some(p) = ns_name_pid(&name) else {
             continue;
         };
         if live.contains(&p) {
@@ -187,6 +183,28 @@ fn sweep_stale() {
         let _ = ip(&["netns", "del", &name]);
         eprintln!("harness: removed stale namespace {name}");
     }
+}
+
+/// Pids of live processes, reduced mod 10000 like the names we give things.
+fn live_pid_suffixes() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+                .map(|pid| pid % 10000)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// P when `name` is named like our namespaces, `ks<P>-<n>-<c|r|s>`.
+fn ns_name_pid(name: &str) -> Option<u32> {
+    let parts: Vec<&str> = name.strip_prefix("ks")?.split('-').collect();
+    if parts.len() != 3 || !matches!(parts[2], "c" | "r" | "s") || parts[1].parse::<u32>().is_err()
+    {
+        return None;
+    }
+    parts[0].parse::<u32>().ok()
 }
 
 fn kill_ns_pids(ns: &str) {
@@ -985,17 +1003,8 @@ impl Ksocks {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &topo.router, KSOCKS, "-v"])
             .args(args);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
-        // is async-signal-safe. The death signal survives `ip netns exec`'s execve, so ksocks
-        // dies with the test thread that started it even if the test process is killed.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // ksocks dies with the test thread that started it even if the test process is killed.
+        die_with_parent(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1004,19 +1013,8 @@ impl Ksocks {
             .map_err(|e| format!("spawn ksocks: {e}"))?;
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
-        let log2 = log.clone();
-        let reader = thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut line = String::new();
-            // Ends at EOF, i.e. when ksocks exits.
-            while let Ok(n) = r.read_line(&mut line) {
-                if n == 0 {
-                    break;
-                }
-                log2.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
+        // Ends at EOF, i.e. when ksocks exits.
+        let reader = collect_lines(stderr, log.clone(), usize::MAX);
         let mut ks = Ksocks {
             child,
             log,
@@ -1073,6 +1071,47 @@ impl Ksocks {
             found.is_some()
         });
         found
+    }
+
+    /// Waits (≤ 5 s) for the close line of a connection with these byte counts and end
+    /// reason; returns it, or panics with the log tail.
+    pub fn expect_close_line(&self, up: u64, down: u64, end: &str) -> String {
+        let parts = [
+            format!("up={up} "),
+            format!("down={down} "),
+            format!("end={end}"),
+        ];
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        self.wait_close_line(&parts, Duration::from_secs(5))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no close line with {}; log:\n{}",
+                    parts.concat(),
+                    self.log_tail(20)
+                )
+            })
+    }
+
+    /// Waits (≤ 5 s) for a close line with one of `ends`; returns it, or panics with the log
+    /// tail.
+    pub fn expect_end(&self, ends: &[&str]) -> String {
+        let mut line = None;
+        wait_until(Duration::from_secs(5), || {
+            line = self
+                .log()
+                .lines()
+                .find(|l| {
+                    l.contains(" closed: ") && ends.iter().any(|e| l.contains(&format!("end={e}")))
+                })
+                .map(str::to_string);
+            line.is_some()
+        });
+        line.unwrap_or_else(|| {
+            panic!(
+                "no close line with end={ends:?}; log:\n{}",
+                self.log_tail(20)
+            )
+        })
     }
 
     /// Sends SIGUSR1 and parses the next `ksocks: stats` line (≤ 3 s).
@@ -1198,6 +1237,45 @@ impl Drop for Ksocks {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Makes the child `cmd` spawns get SIGKILL when the thread that spawned it exits. The death
+/// signal survives `ip netns exec`'s execve, so it reaches the program run in the namespace.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Spawns a thread that appends every line of `r` to `log` until EOF, while `log` holds fewer
+/// than `cap` bytes.
+pub fn collect_lines(
+    r: impl Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+    cap: usize,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        while let Ok(n) = r.read_line(&mut line) {
+            if n == 0 {
+                break;
+            }
+            let mut l = log.lock().unwrap();
+            if l.len() < cap {
+                l.push_str(&line);
+            }
+            drop(l);
+            line.clear();
+        }
+    })
 }
 
 /// Runs ksocks as a plain process (no namespace) and returns (exit status, stdout, stderr),

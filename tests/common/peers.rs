@@ -65,15 +65,12 @@ pub fn require_tools(tools: &[&str]) -> bool {
             t => which(t).is_none(),
         })
         .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("this test needs {}", missing.join(", "));
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg} (CI=true: a missing prerequisite is a failure; scripts/test-peers installs them)");
-    }
-    eprintln!("SKIP: {msg}; install them with scripts/test-peers");
-    false
+    prerequisites(
+        &missing,
+        "this test needs",
+        "; scripts/test-peers installs them",
+        "install them with scripts/test-peers",
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -81,27 +78,11 @@ pub fn require_tools(tools: &[&str]) -> bool {
 
 static SWEEP_PEERS: Once = Once::new();
 
-/// Pids of live processes, reduced mod 10000 like the names we give things.
-fn live_pid_suffixes() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
-                .map(|pid| pid % 10000)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Removes test users (`kst<P>u<n>`) and hosts directories (`/etc/netns/ks<P>-<n>-<c|r|s>`) left
 /// by a killed run whose pid P is gone.
 fn sweep_stale_peers() {
     let live = live_pid_suffixes();
-    let dead = |p: &str| {
-        p.parse::<u32>()
-            .map(|p| !live.contains(&p))
-            .unwrap_or(false)
-    };
+    let dead = |p: &str| p.parse::<u32>().is_ok_and(|p| !live.contains(&p));
     if let Ok(passwd) = std::fs::read_to_string("/etc/passwd") {
         for user in passwd.lines().filter_map(|l| l.split(':').next()) {
             let Some(rest) = user.strip_prefix("kst") else {
@@ -119,14 +100,7 @@ fn sweep_stale_peers() {
     if let Ok(dir) = std::fs::read_dir("/etc/netns") {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix("ks") else {
-                continue;
-            };
-            let parts: Vec<&str> = rest.split('-').collect();
-            if parts.len() == 3
-                && matches!(parts[2], "c" | "r" | "s")
-                && parts[1].parse::<u32>().is_ok()
-                && dead(parts[0])
+            if ns_name_pid(&name).is_some_and(|p| !live.contains(&p))
                 && !Path::new("/run/netns").join(&name).exists()
             {
                 let _ = std::fs::remove_dir_all(e.path());
@@ -324,18 +298,9 @@ impl Peer {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
-        // is async-signal-safe. The peer dies with the test thread that started it even if the
-        // test process is killed (its forked children are killed by the group kill in Drop or
-        // by the namespace removal).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // The peer dies with the test thread that started it even if the test process is killed
+        // (its forked children are killed by the group kill in Drop or by the namespace removal).
+        die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {what} ({}): {e}", program.display()));
@@ -346,22 +311,8 @@ impl Peer {
             Box::new(child.stderr.take().unwrap()),
         ];
         for r in out {
-            let log = log.clone();
-            readers.push(thread::spawn(move || {
-                let mut r = BufReader::new(r);
-                let mut line = String::new();
-                while let Ok(n) = r.read_line(&mut line) {
-                    if n == 0 {
-                        break;
-                    }
-                    let mut l = log.lock().unwrap();
-                    // Bounded: a chatty peer must not grow the test's memory without limit.
-                    if l.len() < 1 << 20 {
-                        l.push_str(&line);
-                    }
-                    line.clear();
-                }
-            }));
+            // Bounded: a chatty peer must not grow the test's memory without limit.
+            readers.push(collect_lines(r, log.clone(), 1 << 20));
         }
         let mut p = Peer {
             what: what.to_string(),
