@@ -35,7 +35,7 @@ const FD_BACKOFF: Duration = Duration::from_millis(100);
 /// Connect and idle timeouts, and idle pipes, are checked this often.
 const SWEEP: Duration = Duration::from_millis(250);
 /// The sockmap counters are scanned this often for quiet connections that became active.
-const SCAN: Duration = Duration::from_millis(100);
+const SCAN: Duration = Duration::from_millis(50);
 /// A splice pipe unused this long is closed (two descriptors and a few pages saved).
 const PIPE_IDLE: Duration = Duration::from_secs(1);
 /// Pipe capacity for the splice plane: the kernel's default of 16 pages.
@@ -109,6 +109,10 @@ pub struct Server {
     stop: bool,
     /// Runs only when a SOCKS5 listener may ask for names.
     resolver: Option<Resolver>,
+    /// A descriptor held back (/dev/null) so that an accepted connection can always get its
+    /// upstream socket: when socket() says EMFILE, this one is closed and the call retried,
+    /// and accepting stops until it can be opened again. `None` while it is spent.
+    reserve: Option<OwnedFd>,
     /// Sockmap: socket cookie -> (connection token, counter value last seen), for the scan.
     watched: HashMap<u64, (u64, u64)>,
     /// `None` when the kernel cannot batch-read the counters (then every direction polls).
@@ -133,6 +137,10 @@ fn split_token(token: u64) -> (u32, usize, Side) {
         ((token & 0xffff_ffff) >> 1) as usize,
         side,
     )
+}
+
+fn open_reserve() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {
@@ -165,6 +173,7 @@ impl Server {
             next_sweep: Instant::now() + SWEEP,
             stop: false,
             resolver: None,
+            reserve: open_reserve(),
             watched: HashMap::new(),
             next_scan: None,
         };
@@ -461,8 +470,14 @@ impl Server {
     /// Creates the upstream socket and starts connecting to `target`.
     fn connect(&mut self, idx: usize, target: SocketAddr) -> Option<End> {
         let mark = self.cfg.mark;
-        let attempt = || -> io::Result<(OwnedFd, bool)> {
-            let fd = socket::tcp_socket(&target)?;
+        let attempt = |reserve: &mut Option<OwnedFd>| -> io::Result<(OwnedFd, bool)> {
+            let fd = match socket::tcp_socket(&target) {
+                Err(e) if is_fd_exhaustion(&e) && reserve.is_some() => {
+                    *reserve = None; // its slot is ours now
+                    socket::tcp_socket(&target)?
+                }
+                other => other?,
+            };
             if let Some(mark) = mark {
                 socket::set_int_opt(
                     fd.as_fd(),
@@ -474,7 +489,13 @@ impl Server {
             let connected = socket::connect(fd.as_fd(), &target)?;
             Ok((fd, connected))
         };
-        match attempt() {
+        let res = attempt(&mut self.reserve);
+        if self.reserve.is_none() {
+            // Spent: accept nothing more until a descriptor frees up (see `finish`).
+            let e = io::Error::from_raw_os_error(libc::EMFILE);
+            self.starve(&e);
+        }
+        match res {
             Ok((fd, connected)) => {
                 let timeout = self.cfg.connect_timeout;
                 let conn = self.conn(idx);
@@ -940,7 +961,11 @@ impl Server {
             conn.id, conn.client_addr, conn.dest
         );
         drop(conn);
+        if self.reserve.is_none() {
+            self.reserve = open_reserve();
+        }
         if !self.listening
+            && self.reserve.is_some()
             && self.backoff_until.is_none()
             && self.open < self.cfg.max_conns
             && !self.stop
@@ -977,7 +1002,10 @@ impl Server {
         if let Some(t) = self.backoff_until {
             if now >= t {
                 self.backoff_until = None;
-                if self.open < self.cfg.max_conns {
+                if self.reserve.is_none() {
+                    self.reserve = open_reserve();
+                }
+                if self.open < self.cfg.max_conns && self.reserve.is_some() {
                     let _ = self.set_listening(true);
                 }
             }

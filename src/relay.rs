@@ -155,6 +155,23 @@ impl Flow {
     /// Reads from src into the carrier; 0 means would block or end of stream (sets `eof`).
     fn fill(&mut self, src: BorrowedFd) -> Result<usize, Broken> {
         let cap = self.cap;
+        if let Carrier::Splice { pipe: None, .. } = self.carrier {
+            self.carrier = match sys::pipe() {
+                Ok(p) => Carrier::Splice {
+                    pipe: Some(p),
+                    len: 0,
+                },
+                // Out of descriptors: this flow carries on as a copy, nothing is lost.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    Carrier::Copy {
+                        buf: None,
+                        head: 0,
+                        tail: 0,
+                    }
+                }
+                Err(e) => return Err(Broken::Src(e)),
+            };
+        }
         let res = match &mut self.carrier {
             Carrier::Copy { buf, head, tail } => {
                 let buf = buf.get_or_insert_with(|| vec![0u8; cap].into_boxed_slice());
@@ -168,10 +185,9 @@ impl Flow {
                 res
             }
             Carrier::Splice { pipe, len } => {
-                if pipe.is_none() {
-                    *pipe = Some(sys::pipe().map_err(Broken::Src)?);
-                }
-                let (_, w) = pipe.as_ref().expect("pipe was just created");
+                let (_, w) = pipe
+                    .as_ref()
+                    .expect("a splice carrier has its pipe while filling");
                 let res = sys::splice(src, w.as_fd(), cap - *len);
                 if let Ok(n) = res {
                     *len += n;

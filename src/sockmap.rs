@@ -76,10 +76,14 @@ enum State {
 
 /// Polls of an active direction happen at least this often...
 const POLL_MIN: Duration = Duration::from_millis(1);
-/// ...and of an idle one at most this rarely.
-const POLL_MAX: Duration = Duration::from_millis(250);
+/// ...and of a slowly moving one at most this rarely: a source's rate can jump at any time,
+/// and everything it sends between two polls may queue behind a slow reader.
+const POLL_MAX: Duration = Duration::from_millis(5);
+/// While bytes wait in dst's psock queue (dst is slower than src, the case the budget is
+/// for) a direction polls at least this often, moving or not.
+const POLL_QUEUED: Duration = Duration::from_millis(2);
 /// A direction idle for this long stops polling when the event loop scans the counters.
-const QUIET_AFTER: Duration = Duration::from_millis(32);
+const QUIET_AFTER: Duration = Duration::from_millis(4);
 /// A direction whose pending bytes have not moved for this many polls is stranded (the kernel
 /// only looks at its receive queue when a new packet arrives, KERNEL-NOTES s.3): kick it.
 const STUCK_POLLS: u8 = 2;
@@ -453,6 +457,14 @@ fn advance(
                 dir.backoff(now);
                 return Ok(());
             }
+            State::Paused if pending > inflight_max / 2 => {
+                // What src's receive buffer gathered meanwhile would land in dst's queue at
+                // once on re-insertion (the buffer grew to line rate while the kernel drained
+                // it): move that backlog in userspace at dst's pace instead, then re-insert.
+                debug!("#{id}: {from} -> {to}: {pending} bytes waiting in the source, draining them in userspace");
+                dir.state = State::Unhooking;
+                continue;
+            }
             State::Paused => match hook_and_kick(off, src, cookie) {
                 Ok(()) => {
                     debug!("#{id}: {from} -> {to}: {queued} bytes in flight, resuming the source");
@@ -496,6 +508,11 @@ fn advance(
             )
         } else {
             (dir.interval * 2).min(POLL_MAX)
+        };
+        let rate_interval = if queued > 0 {
+            rate_interval.min(POLL_QUEUED)
+        } else {
+            rate_interval
         };
         dir.last_kern = b.kern;
         dir.last_pending = pending;
