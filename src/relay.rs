@@ -189,8 +189,15 @@ impl Flow {
                     .as_ref()
                     .expect("a splice carrier has its pipe while filling");
                 let res = sys::splice(src, w.as_fd(), cap - *len);
-                if let Ok(n) = res {
-                    *len += n;
+                match res {
+                    Ok(n) => *len += n,
+                    // A socket that cannot be spliced (EINVAL) is copied instead; the pipe
+                    // is empty, so switching loses nothing.
+                    Err(ref e) if *len == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.carrier = Carrier::Copy { buf: None, head: 0, tail: 0 };
+                        return self.fill(src);
+                    }
+                    Err(_) => {}
                 }
                 res
             }
