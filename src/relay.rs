@@ -194,7 +194,11 @@ impl Flow {
                     // A socket that cannot be spliced (EINVAL) is copied instead; the pipe
                     // is empty, so switching loses nothing.
                     Err(ref e) if *len == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-                        self.carrier = Carrier::Copy { buf: None, head: 0, tail: 0 };
+                        self.carrier = Carrier::Copy {
+                            buf: None,
+                            head: 0,
+                            tail: 0,
+                        };
                         return self.fill(src);
                     }
                     Err(_) => {}
