@@ -24,6 +24,13 @@ pub enum Side {
 }
 
 impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+
     pub fn other(self) -> Side {
         match self {
             Side::Client => Side::Upstream,
@@ -330,7 +337,7 @@ pub fn reset_of(side: Side) -> End {
 }
 
 /// Maps a broken flow whose source is `src_side` to the end it causes.
-fn broken_end(src_side: Side, broken: Broken) -> End {
+pub fn broken_end(src_side: Side, broken: Broken) -> End {
     match broken {
         Broken::Src(_) => reset_of(src_side),
         Broken::Dst(_) => reset_of(src_side.other()),

@@ -779,7 +779,7 @@ impl Server {
                 info!(
                     "#{id} {client_addr} -> {}: {} closed during the handshake",
                     conn.dest,
-                    side_name(side)
+                    side.name()
                 );
                 return Some(End::Error);
             }
@@ -1108,13 +1108,6 @@ impl Server {
                 self.finish(idx, end);
             }
         }
-    }
-}
-
-fn side_name(side: Side) -> &'static str {
-    match side {
-        Side::Client => "client",
-        Side::Upstream => "upstream",
     }
 }
 

@@ -25,7 +25,7 @@
 //! A FIN is passed on only when `pending == 0 && queued == 0`; `entered` above its maximum means
 //! the kernel duplicated bytes, which is reported loudly and the connection reset.
 
-use crate::conn::{Conn, End, Phase, Side};
+use crate::conn::{broken_end, reset_of, Conn, End, Phase, Side};
 use crate::debug;
 use crate::offload::Offload;
 use crate::relay::Flow;
@@ -278,13 +278,6 @@ impl Spliced {
     }
 }
 
-fn reset_of(side: Side) -> End {
-    match side {
-        Side::Client => End::ClientReset,
-        Side::Upstream => End::UpstreamReset,
-    }
-}
-
 /// Readiness on one socket of a sockmap connection.
 pub fn on_event(conn: &mut Conn, off: &Offload, side: Side, events: u32) -> Option<End> {
     if events & epoll::ERR != 0 {
@@ -400,14 +393,13 @@ fn advance(
     if dir.flow.shut {
         return Ok(());
     }
-    let (from, to) = (src_side_name(d), dst_side_name(d));
+    let (from, to) = (src_of(d).name(), src_of(d).other().name());
     let src_side = src_of(d);
     loop {
         if let State::User | State::UserOnly = dir.state {
-            dir.flow.pump(src, dst).map_err(|b| match b {
-                crate::relay::Broken::Src(_) => reset_of(src_side),
-                crate::relay::Broken::Dst(_) => reset_of(src_side.other()),
-            })?;
+            dir.flow
+                .pump(src, dst)
+                .map_err(|b| broken_end(src_side, b))?;
             let idle = dir.flow.pending() == 0 && dir.flow.drained && !dir.flow.eof;
             if dir.state == State::UserOnly || !idle {
                 return Ok(());
@@ -568,16 +560,4 @@ impl Dir {
         self.next_poll = Some(now + self.interval);
         self.interval = (self.interval * 2).min(Duration::from_millis(20));
     }
-}
-
-fn src_side_name(d: usize) -> &'static str {
-    if d == 0 {
-        "client"
-    } else {
-        "upstream"
-    }
-}
-
-fn dst_side_name(d: usize) -> &'static str {
-    src_side_name(1 - d)
 }

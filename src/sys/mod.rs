@@ -149,14 +149,6 @@ pub fn write(fd: BorrowedFd, buf: &[u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// Bytes waiting to be read in a pipe or socket (`FIONREAD`).
-pub fn readable_bytes(fd: BorrowedFd) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the pointer given.
-    unsafe { syscall!(ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n))? };
-    Ok(n.max(0) as usize)
-}
-
 /// The user and group to drop to with `--user`.
 pub struct Account {
     pub uid: libc::uid_t,
