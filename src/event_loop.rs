@@ -32,6 +32,16 @@ const LISTENER_FLAG: u64 = 1 << 63;
 const ACCEPT_BURST: usize = 64;
 /// How long to stop accepting after EMFILE/ENFILE.
 const FD_BACKOFF: Duration = Duration::from_millis(100);
+/// Descriptor starvation: how often a continuing episode is reported, and how long accepts
+/// must go without running out before a new episode is logged as new.
+const STARVE_REPORT: Duration = Duration::from_secs(30);
+const STARVE_QUIET: Duration = Duration::from_secs(5);
+
+struct Starving {
+    reported: Instant,
+    last: Instant,
+    pauses: u64,
+}
 /// Connect and idle timeouts, and idle pipes, are checked this often.
 const SWEEP: Duration = Duration::from_millis(250);
 /// The sockmap counters are scanned this often for quiet connections that became active.
@@ -101,7 +111,8 @@ pub struct Server {
     stats: Stats,
     listening: bool,
     backoff_until: Option<Instant>,
-    fd_starved_logged: bool,
+    /// Set while descriptors run out; one episode is logged once, however many pauses it has.
+    starving: Option<Starving>,
     next_id: u64,
     /// Sockmap accounting polls: (when, connection token).
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -167,7 +178,7 @@ impl Server {
             stats: Stats::default(),
             listening: false,
             backoff_until: None,
-            fd_starved_logged: false,
+            starving: None,
             next_id: 1,
             timers: BinaryHeap::new(),
             next_sweep: Instant::now() + SWEEP,
@@ -314,7 +325,7 @@ impl Server {
             let res = socket::accept(self.listeners[li].fd.as_fd());
             match res {
                 Ok((fd, peer)) => {
-                    self.fd_starved_logged = false;
+                    self.end_starving();
                     self.start(li, fd, peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -336,17 +347,47 @@ impl Server {
         }
     }
 
-    /// Out of descriptors: stop accepting for a moment instead of spinning on EMFILE.
+    /// Out of descriptors: stop accepting for a moment instead of spinning on EMFILE. The
+    /// first pause of an episode is logged; later ones only as a count every `STARVE_REPORT`.
     fn starve(&mut self, e: &io::Error) {
-        if !self.fd_starved_logged {
-            error!(
-                "out of file descriptors ({e}); pausing accepts, {} connections open",
-                self.open
-            );
-            self.fd_starved_logged = true;
+        let now = Instant::now();
+        match &mut self.starving {
+            None => {
+                error!(
+                    "out of file descriptors ({e}); pausing accepts, {} connections open",
+                    self.open
+                );
+                self.starving = Some(Starving {
+                    reported: now,
+                    last: now,
+                    pauses: 0,
+                });
+            }
+            Some(s) => {
+                s.last = now;
+                s.pauses += 1;
+                if now - s.reported >= STARVE_REPORT {
+                    error!(
+                        "still out of file descriptors: {} more pauses, {} connections open",
+                        s.pauses, self.open
+                    );
+                    s.reported = now;
+                    s.pauses = 0;
+                }
+            }
         }
         let _ = self.set_listening(false);
         self.backoff_until = Some(Instant::now() + FD_BACKOFF);
+    }
+
+    /// An accept succeeded: the episode is over once none has failed for `STARVE_QUIET`.
+    fn end_starving(&mut self) {
+        if let Some(s) = &self.starving {
+            if s.last.elapsed() >= STARVE_QUIET {
+                info!("file descriptors available again; accepting");
+                self.starving = None;
+            }
+        }
     }
 
     /// Takes a freshly accepted connection: SOCKS clients start their handshake, redirected

@@ -191,7 +191,7 @@ fn fd_exhaustion_pauses_accepting(plane: &str) {
     assert_eq!(
         st.ks.log().matches("out of file descriptors").count(),
         1,
-        "logged once per burst"
+        "logged once per episode"
     );
     // The connection opened before the limit still moves bytes.
     echo(&mut first, b"still alive", Duration::from_secs(5)).unwrap();
