@@ -51,7 +51,8 @@ Connections:
       --max-conns N          stop accepting at N open connections (default 4096)
       --connect-timeout SECS upstream connect timeout (default 10)
       --idle-timeout SECS    close connections idle this long (default 0 = never)
-      --mark N               set SO_MARK N on upstream sockets (loop avoidance)
+      --mark N               set SO_MARK N (decimal or 0x hex) on upstream sockets, so a
+                             firewall rule can exempt them (loop avoidance)
 
 Process:
       --user NAME            after setup, drop to this user and its group
@@ -177,6 +178,16 @@ fn parse_value<T: std::str::FromStr>(flag: &str, value: std::ffi::OsString) -> R
         .map_err(|_| CliError(format!("{flag}: invalid value '{text}'")))
 }
 
+/// A firewall mark, decimal or `0x` hexadecimal as nft and iptables write it.
+fn parse_mark(value: std::ffi::OsString) -> Result<u32, CliError> {
+    let text: String = parse_value("--mark", value)?;
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| CliError(format!("--mark: invalid value '{text}'")))
+}
+
 fn in_range<T: PartialOrd + fmt::Display>(flag: &str, v: T, lo: T, hi: T) -> Result<T, CliError> {
     if v < lo || v > hi {
         return Err(CliError(format!("{flag}: {v} is outside {lo}..={hi}")));
@@ -275,7 +286,7 @@ where
                 let v = parse_value("--idle-timeout", parser.value()?)?;
                 idle_timeout = in_range("--idle-timeout", v, 0, 30 * 86400)?;
             }
-            Long("mark") => mark = Some(parse_value("--mark", parser.value()?)?),
+            Long("mark") => mark = Some(parse_mark(parser.value()?)?),
             Long("buffer-size") => {
                 let v = parse_value("--buffer-size", parser.value()?)?;
                 buffer_size = in_range("--buffer-size", v, 512, 16 << 20)?;
@@ -331,6 +342,20 @@ mod tests {
         match parse(args.iter().copied())? {
             Command::Run(c) => Ok(c),
             other => panic!("expected a run config, got {other:?}"),
+        }
+    }
+
+    /// Marks as nft and iptables print them: decimal or 0x hex.
+    #[test]
+    fn mark_decimal_or_hex() {
+        for (text, want) in [
+            ("42", 42),
+            ("0x2a", 42),
+            ("0X2A", 42),
+            ("0xffffffff", u32::MAX),
+        ] {
+            let c = run(&["-r", "0.0.0.0:1", "--mark", text]).unwrap();
+            assert_eq!(c.mark, Some(want), "--mark {text}");
         }
     }
 
@@ -477,6 +502,10 @@ mod tests {
                 "--connect-timeout",
             ),
             (&["-r", "0.0.0.0:1", "--mark", "x"], "--mark"),
+            (&["-r", "0.0.0.0:1", "--mark", "0x"], "--mark"),
+            (&["-r", "0.0.0.0:1", "--mark", "0x1g"], "--mark"),
+            (&["-r", "0.0.0.0:1", "--mark", "0x100000000"], "--mark"),
+            (&["-r", "0.0.0.0:1", "--mark", "-1"], "--mark"),
             (&["-r", "0.0.0.0:1", "stray"], "stray"),
             (&["-s", "0.0.0.0:1", "--socks-auth", "nocolon"], "USER:PASS"),
             (&["-s", "0.0.0.0:1", "--socks-auth", ":pass"], "USER:PASS"),

@@ -192,6 +192,8 @@ pub struct Conn {
     pub last_active: Instant,
     /// Byte totals last seen, to notice activity for the idle timeout.
     pub seen_bytes: u64,
+    /// The upstream socket's local port once connecting (0 before), for the proxy-loop check.
+    pub up_port: u16,
 }
 
 /// The plane a connection is on, for stats and the close line.
@@ -375,6 +377,7 @@ mod tests {
             started: now,
             last_active: now,
             seen_bytes: 0,
+            up_port: 0,
         }
     }
 

@@ -124,6 +124,10 @@ pub struct Server {
     /// upstream socket: when socket() says EMFILE, this one is closed and the call retried,
     /// and accepting stops until it can be opened again. `None` while it is spent.
     reserve: Option<OwnedFd>,
+    /// How many live connections have their upstream socket bound to each local port: a client
+    /// whose port is counted here may be our own upstream connection redirected back to us.
+    /// 128 KiB of zeroed pages, only those of ports in use become resident.
+    up_ports: Vec<u16>,
     /// Sockmap: socket cookie -> (connection token, counter value last seen), for the scan.
     watched: HashMap<u64, (u64, u64)>,
     /// `None` when the kernel cannot batch-read the counters (then every direction polls).
@@ -185,6 +189,7 @@ impl Server {
             stop: false,
             resolver: None,
             reserve: open_reserve(),
+            up_ports: vec![0; 1 << 16],
             watched: HashMap::new(),
             next_scan: None,
         };
@@ -437,6 +442,7 @@ impl Server {
             started: now,
             last_active: now,
             seen_bytes: 0,
+            up_port: 0,
         };
         let idx = match self.free.pop() {
             Some(i) => i,
@@ -471,6 +477,13 @@ impl Server {
                 );
                 return Some(self.refuse(idx, End::Loop, Rep::NotAllowed));
             }
+        }
+        if let Some(parent) = self.own_upstream(conn) {
+            error!(
+                "#{} {} -> {}: proxy loop (the client is the upstream connection of #{parent}; exempt ksocks' own traffic from the redirect with --mark or --user), refusing",
+                conn.id, conn.client_addr, conn.dest
+            );
+            return Some(self.refuse(idx, End::Loop, Rep::NotAllowed));
         }
         let target = match (&self.cfg.upstream, &conn.dest) {
             (Upstream::Direct, Dest::Ip(addr)) => *addr,
@@ -539,7 +552,12 @@ impl Server {
         match res {
             Ok((fd, connected)) => {
                 let timeout = self.cfg.connect_timeout;
+                // The port is bound by connect(); a connection redirected back to us from it
+                // is accepted only after this returns to the loop.
+                let port = socket::local_addr(fd.as_fd()).map_or(0, |a| a.port());
+                self.up_ports[port as usize] += 1;
                 let conn = self.conn(idx);
+                conn.up_port = port;
                 conn.upstream = Some(Sock::new(fd));
                 conn.phase = Phase::Connecting;
                 conn.deadline = Some(Instant::now() + timeout);
@@ -585,6 +603,28 @@ impl Server {
                     && l.addr.is_ipv4() == dest.is_ipv4()
                     && socket::is_local_ip(dest.ip()))
         })
+    }
+
+    /// The id of the connection whose upstream socket is `conn`'s client: a firewall rule
+    /// (an OUTPUT redirect on the router itself, without the `--mark`/`--user` exemption)
+    /// sent ksocks' own connection back to it, and each hop would open the next.
+    fn own_upstream(&self, conn: &Conn) -> Option<u64> {
+        let port = conn.client_addr.port();
+        if self.up_ports[port as usize] == 0 {
+            return None;
+        }
+        // Rare (a client port that one of ours also uses): find which, by full address.
+        self.slots
+            .iter()
+            .filter_map(|s| s.conn.as_ref())
+            .filter(|c| c.up_port == port)
+            .find(|c| {
+                c.upstream
+                    .as_ref()
+                    .and_then(|u| socket::local_addr(u.fd()).ok())
+                    == Some(conn.client_addr)
+            })
+            .map(|c| c.id)
     }
 
     fn conn(&mut self, idx: usize) -> &mut Conn {
@@ -973,6 +1013,9 @@ impl Server {
         slot.gen = slot.gen.wrapping_add(1) & GEN_MASK;
         self.free.push(idx);
         self.open -= 1;
+        if conn.upstream.is_some() {
+            self.up_ports[conn.up_port as usize] -= 1;
+        }
         let off = match &self.plane {
             Plane::Sockmap(o) => Some(o),
             _ => None,
