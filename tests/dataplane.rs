@@ -1153,10 +1153,10 @@ fn match_close_lines(
 
 /// The soak: `KSOCKS_SOAK` connections (default 400), sizes log-uniform 1 B ..
 /// `KSOCKS_SOAK_MAX_MIB` MiB (default 8), `KSOCKS_SOAK_CONC` at a time (default 48), IPv4 and
-/// IPv6 through REDIRECT, all kinds of `Kind`. Zero failures: every stream's receiver digest
-/// equals its sender's, every reset reaches the server, every close line has the exact byte
+/// IPv6 through REDIRECT or TPROXY, all kinds of `Kind`. Zero failures: every stream's receiver
+/// digest equals its sender's, every reset reaches the server, every close line has the exact byte
 /// counts and end; afterwards ksocks is idle.
-fn soak(plane: &str) {
+fn soak(plane: &str, kind: Inbound) {
     let _machine = shared();
     if !require_root() {
         return;
@@ -1172,7 +1172,7 @@ fn soak(plane: &str) {
         Rng(t.as_nanos() as u64 ^ std::process::id() as u64).next()
     });
     eprintln!(
-        "soak {plane}: seed {base} (replay: KSOCKS_SOAK_SEED={base} KSOCKS_SOAK={n} \
+        "soak {plane} {kind:?}: seed {base} (replay: KSOCKS_SOAK_SEED={base} KSOCKS_SOAK={n} \
          KSOCKS_SOAK_MAX_MIB={}), {n} connections, {conc} at a time",
         max / MIB
     );
@@ -1180,9 +1180,9 @@ fn soak(plane: &str) {
     let plans: Vec<Plan> = (0..n as u64)
         .map(|id| Plan::random(id, &mut rng, max))
         .collect();
-    let topo = Topology::new(Inbound::Redirect, KSOCKS_PORT);
+    let topo = Topology::new(kind, KSOCKS_PORT);
     let ks = Ksocks::serve(&topo, &["--dataplane", plane]);
-    let name = format!("soak-{plane}");
+    let name = format!("soak-{plane}-{kind:?}");
     with_log(&ks, &name, || {
         let soak = Arc::new(Soak {
             base,
@@ -1355,17 +1355,22 @@ mod soak {
     /// The randomized soak on the sockmap plane.
     #[test]
     fn sockmap() {
-        crate::soak("sockmap");
+        crate::soak("sockmap", crate::Inbound::Redirect);
+    }
+    /// The same through TPROXY: the sockets the kernel plane splices are transparent ones.
+    #[test]
+    fn sockmap_tproxy() {
+        crate::soak("sockmap", crate::Inbound::Tproxy);
     }
     /// The randomized soak on the splice plane.
     #[test]
     fn splice() {
-        crate::soak("splice");
+        crate::soak("splice", crate::Inbound::Redirect);
     }
     /// The randomized soak on the copy plane.
     #[test]
     fn copy() {
-        crate::soak("copy");
+        crate::soak("copy", crate::Inbound::Redirect);
     }
 }
 
