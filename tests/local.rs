@@ -141,12 +141,14 @@ fn setup(plane: &str, exempt: Exempt) -> Ctx {
     let topo = Topology::new(Inbound::Redirect, 12345);
     let mut args: Vec<String> = r.args.clone();
     let mut nft = r.nft.clone();
-    if let Exempt::User = exempt {
+    if !matches!(exempt, Exempt::Mark) {
         let at = args
             .iter()
             .position(|a| a == "--mark")
             .expect("the recipe uses --mark");
         args.drain(at..at + 2);
+    }
+    if let Exempt::User = exempt {
         args.extend(["--user".into(), "nobody".into()]);
         let rule = nft
             .iter_mut()
@@ -154,13 +156,6 @@ fn setup(plane: &str, exempt: Exempt) -> Ctx {
             .expect("the recipe's mark rule");
         let mark_at = rule.find("meta mark").unwrap();
         rule.replace_range(mark_at.., "meta skuid nobody return");
-    }
-    if let Exempt::Nothing = exempt {
-        let at = args
-            .iter()
-            .position(|a| a == "--mark")
-            .expect("the recipe uses --mark");
-        args.drain(at..at + 2);
     }
     for cmd in &nft {
         sh_in(&topo.router, cmd);
