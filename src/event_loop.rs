@@ -36,12 +36,6 @@ const FD_BACKOFF: Duration = Duration::from_millis(100);
 /// must go without running out before a new episode is logged as new.
 const STARVE_REPORT: Duration = Duration::from_secs(30);
 const STARVE_QUIET: Duration = Duration::from_secs(5);
-
-struct Starving {
-    reported: Instant,
-    last: Instant,
-    pauses: u64,
-}
 /// Connect and idle timeouts, and idle pipes, are checked this often.
 const SWEEP: Duration = Duration::from_millis(250);
 /// The sockmap counters are scanned this often for quiet connections that became active.
@@ -152,6 +146,14 @@ fn split_token(token: u64) -> (u32, usize, Side) {
         ((token & 0xffff_ffff) >> 1) as usize,
         side,
     )
+}
+
+/// One episode of descriptor starvation: when it was last reported, its last pause, and the
+/// pauses since the report.
+struct Starving {
+    reported: Instant,
+    last: Instant,
+    pauses: u64,
 }
 
 fn open_reserve() -> Option<OwnedFd> {
@@ -382,7 +384,7 @@ impl Server {
             }
         }
         let _ = self.set_listening(false);
-        self.backoff_until = Some(Instant::now() + FD_BACKOFF);
+        self.backoff_until = Some(now + FD_BACKOFF);
     }
 
     /// An accept succeeded: the episode is over once none has failed for `STARVE_QUIET`.

@@ -12,7 +12,7 @@ use common::cases::CaseCtx;
 use common::*;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const SERVER_PORT: u16 = 5001;
@@ -61,16 +61,8 @@ fn recipe() -> Recipe {
 
 /// Runs `cmd` with `sh -c` in namespace `ns` (the recipe's commands carry shell quoting).
 fn sh_in(ns: &str, cmd: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_checked(Command::new("ip").args(["netns", "exec", ns, "sh", "-c", cmd]))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 struct Ctx {
@@ -166,7 +158,7 @@ fn setup(plane: &str, exempt: Exempt) -> Ctx {
     Ctx { topo, ks }
 }
 
-fn run(plane: &str, exempt: Exempt, case: fn(&mut Ctx)) {
+fn run_case(plane: &str, exempt: Exempt, case: fn(&mut Ctx)) {
     if !require_root() {
         return;
     }
@@ -206,23 +198,23 @@ macro_rules! planes {
             use super::Exempt::{Mark, User};
             #[test]
             fn upload_then_reply() {
-                super::run(stringify!($plane), Mark, super::upload_then_reply);
+                super::run_case(stringify!($plane), Mark, super::upload_then_reply);
             }
             #[test]
             fn ping_pong() {
-                super::run(stringify!($plane), Mark, super::ping_pong);
+                super::run_case(stringify!($plane), Mark, super::ping_pong);
             }
             #[test]
             fn half_close_late_reply() {
-                super::run(stringify!($plane), Mark, super::half_close_late_reply);
+                super::run_case(stringify!($plane), Mark, super::half_close_late_reply);
             }
             #[test]
             fn client_reset_mid_transfer() {
-                super::run(stringify!($plane), Mark, super::client_reset_mid_transfer);
+                super::run_case(stringify!($plane), Mark, super::client_reset_mid_transfer);
             }
             #[test]
             fn user_instead_of_mark() {
-                super::run(stringify!($plane), User, super::upload_then_reply);
+                super::run_case(stringify!($plane), User, super::upload_then_reply);
             }
         }
     )*};
@@ -236,7 +228,7 @@ planes!(copy splice sockmap);
 /// program on the router gets a refusal instead of a hang.
 #[test]
 fn without_exemption_the_loop_is_refused() {
-    run("copy", Exempt::Nothing, |c| {
+    run_case("copy", Exempt::Nothing, |c| {
         let _server = c.listen(); // never reached
         let dst = c.dst();
         let r = c

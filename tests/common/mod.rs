@@ -122,7 +122,8 @@ pub struct Topology {
     created: Vec<String>,
 }
 
-fn run(cmd: &mut Command) -> io::Result<()> {
+/// Runs `cmd` to completion; an error carries the command and its stderr.
+pub fn run_checked(cmd: &mut Command) -> io::Result<()> {
     let out = cmd.stdin(Stdio::null()).output()?;
     if out.status.success() {
         Ok(())
@@ -136,7 +137,7 @@ fn run(cmd: &mut Command) -> io::Result<()> {
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {
-    run(Command::new("ip").args(args))
+    run_checked(Command::new("ip").args(args))
 }
 
 /// Runs `nft -f -` with `rules` inside namespace `ns`.
