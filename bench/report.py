@@ -6,31 +6,41 @@ import statistics
 import sys
 from collections import OrderedDict, defaultdict
 
-ORDER = ["direct", "ksocks-sockmap", "ksocks-sockmap-8m", "ksocks-splice", "ksocks-copy", "redsocks", "ss-libev",
-         "ss-rust", "ksocks-ss", "socat"]
-KSOCKS = ["ksocks-sockmap", "ksocks-sockmap-8m", "ksocks-splice", "ksocks-copy"]
+ORDER = ["direct", "ksocks-tcsplice", "ksocks-sockmap", "ksocks-sockmap-8m", "ksocks-splice", "ksocks-copy",
+         "ref-sockmap", "ref-splice", "ref-copy", "redsocks", "ss-libev",
+         "ss-rust", "ksocks-ss", "socat", "udp-direct", "udp-ksocks", "udp-ss-rust"]
+UDP = ["udp-direct", "udp-ksocks", "udp-ss-rust"]
+KSOCKS = ["ksocks-tcsplice", "ksocks-sockmap", "ksocks-sockmap-8m", "ksocks-splice", "ksocks-copy"]
 PEERS = ["redsocks", "ss-libev", "ss-rust", "socat"]
 LABEL = {
     "direct": "direct (kernel forwarding)",
+    "ksocks-tcsplice": "ksocks --dataplane tcsplice",
     "ksocks-sockmap": "ksocks --dataplane sockmap",
     "ksocks-sockmap-8m": "ksocks --dataplane sockmap --sndbuf 8388608",
     "ksocks-splice": "ksocks --dataplane splice",
     "ksocks-copy": "ksocks --dataplane copy",
+    "ref-sockmap": "KSOCKS_REF (another build) --dataplane sockmap",
+    "ref-splice": "KSOCKS_REF (another build) --dataplane splice",
+    "ref-copy": "KSOCKS_REF (another build) --dataplane copy",
     "redsocks": "redsocks + microsocks",
     "ss-libev": "ss-redir + ss-server (libev)",
     "ss-rust": "sslocal redir + ssserver -m none",
     "ksocks-ss": "ksocks --upstream ss://none",
     "socat": "socat relay",
+    "udp-direct": "UDP, direct (kernel forwarding)",
+    "udp-ksocks": "ksocks --udp-tproxy (direct upstream)",
+    "udp-ss-rust": "sslocal redir --udp-redir tproxy + ssserver -m none -U",
 }
 # metric -> (higher is better?)
 BETTER_HIGH = {"tput1": True, "tput8": True, "lat_avg": False, "lat_p99": False, "cps": True,
                "proxy_cpu_gb": False, "sys_cpu_gb": False, "bench_cpu_gb": False, "rss_idle": False, "rss_1k": False,
-               "rss_10k": False, "bin_size": False}
+               "rss_10k": False, "bin_size": False, "stall_kib": False}
 RUN_METRICS = {"tput1", "tput8", "lat_avg", "lat_p99", "cps", "proxy_cpu_gb", "sys_cpu_gb", "bench_cpu_gb"}
 NAMES = {"tput1": "1-stream throughput", "tput8": "8-stream throughput", "lat_avg": "RTT avg",
          "lat_p99": "RTT p99", "cps": "connections/s", "proxy_cpu_gb": "proxy CPU/GB",
          "sys_cpu_gb": "system CPU/GB", "bench_cpu_gb": "bench CPU/GB", "rss_idle": "RSS idle", "rss_1k": "RSS 1k conns",
-         "rss_10k": "RSS 10k conns", "bin_size": "binary size"}
+         "rss_10k": "RSS 10k conns", "bin_size": "binary size",
+         "stall_kib": "router KiB per stalled download"}
 
 
 def load(path):
@@ -63,6 +73,17 @@ def med(vals, c, m):
     return statistics.median(xs) if xs else None
 
 
+def spread(vals, c, m):
+    """(min, max) of a metric's runs, or None with fewer than two."""
+    xs = []
+    for v in vals.get(c, {}).get(m, []):
+        try:
+            xs.append(float(v))
+        except ValueError:
+            pass
+    return (min(xs), max(xs)) if len(xs) > 1 else None
+
+
 def text(vals, c, m):
     v = vals.get(c, {}).get(m, [])
     return v[0] if v else None
@@ -85,6 +106,7 @@ def main():
     vals, meta, notes = load(raw)
     configs = [c for c in ORDER if c in vals or c in notes]
     measured = [c for c in configs if any(m in vals.get(c, {}) for m in ("tput1", "lat_avg", "cps"))]
+    udp_measured = [c for c in configs if c in UDP and "udp_tput" in vals.get(c, {})]
     M = {c: {m: med(vals, c, m) for m in BETTER_HIGH} for c in configs}
     for c in configs:  # RSS in MiB
         for m in ("rss_idle", "rss_1k", "rss_10k"):
@@ -105,6 +127,10 @@ def main():
         if a is None:
             return "—"
         s = fmt(a, digits)
+        mm = spread(vals, c, m) if m in RUN_METRICS else None
+        if mm is not None:
+            lo, hi = (x / 1024.0 if m.startswith("rss") else x for x in mm)
+            s += f" [{fmt(lo, digits)}–{fmt(hi, digits)}]"
         got = len(vals.get(c, {}).get(m, []))
         if m in RUN_METRICS and got < want_runs:
             s += f" †{got}/{want_runs}"
@@ -145,7 +171,8 @@ def main():
     lines.append("")
     lines.append(f"Machine: {meta.get('cpus', '?')}; load average at start {meta.get('loadavg', '?')}; "
                  f"fd limit {meta.get('nofile', '?')}; TCP congestion control {meta.get('cc', '?')}. Medians of {runs} run(s) (taken in rounds: each round runs every configuration once); iperf3 {meta.get('duration', '?')} s "
-                 f"per run, sockperf and wrk {meta.get('duration', '?')} s per run. Topology: client -> router -> "
+                 f"per run, sockperf and wrk {meta.get('duration', '?')} s per run; [min–max] of the runs after each "
+                 f"median. Topology: client -> router -> "
                  f"server network namespaces over veth; every proxy runs in the router, fed by nft REDIRECT.")
     try:
         la = float(meta.get("loadavg", "0").split()[0])
@@ -177,26 +204,48 @@ def main():
                  f"for {meta.get('hold', '?').split(',')[-1]} connections. †k/n: only k of n runs succeeded "
                  "(median of those; see the notes).")
     lines.append("")
-    hdr = ["configuration", "1 stream Gbit/s", "8 streams Gbit/s", "RTT avg µs", "RTT p99 µs",
-           "conn/s", "proxy CPU s/GB", "bench CPU s/GB", "system CPU s/GB", "RSS idle", "RSS 1k conns", "RSS 10k conns",
-           "KiB/conn", "binary"]
-    lines.append("| " + " | ".join(hdr) + " |")
-    lines.append("|" + "---|" * len(hdr))
-    for c in configs:
-        if c not in measured:
-            continue
-        binsz = M[c].get("bin_size")
-        row = [f"`{c}`", cell(c, "tput1"), cell(c, "tput8"), cell(c, "lat_avg", digits=1),
-               cell(c, "lat_p99", digits=1), cell(c, "cps"), cell(c, "proxy_cpu_gb", False, 3),
-               cell(c, "bench_cpu_gb", digits=3),
-               cell(c, "sys_cpu_gb", digits=3),
-               rss_cell(c, "rss_idle") if c != "direct" else "—",
-               rss_cell(c, "rss_1k") if c != "direct" else "—",
-               rss_cell(c, "rss_10k") if c != "direct" else "—",
-               fmt(per_conn(c), 1) if c != "direct" else "—",
-               f"{binsz / 1024:,.0f} KiB" if binsz else "—"]
-        lines.append("| " + " | ".join(row) + " |")
+    if measured:
+        hdr = ["configuration", "1 stream Gbit/s", "8 streams Gbit/s", "RTT avg µs", "RTT p99 µs",
+               "conn/s", "proxy CPU s/GB", "bench CPU s/GB", "system CPU s/GB", "RSS idle", "RSS 1k conns", "RSS 10k conns",
+               "KiB/conn", "stalled KiB/conn", "binary"]
+        lines.append("| " + " | ".join(hdr) + " |")
+        lines.append("|" + "---|" * len(hdr))
+        for c in configs:
+            if c not in measured:
+                continue
+            binsz = M[c].get("bin_size")
+            row = [f"`{c}`", cell(c, "tput1"), cell(c, "tput8"), cell(c, "lat_avg", digits=1),
+                   cell(c, "lat_p99", digits=1), cell(c, "cps"), cell(c, "proxy_cpu_gb", False, 3),
+                   cell(c, "bench_cpu_gb", digits=3),
+                   cell(c, "sys_cpu_gb", digits=3),
+                   rss_cell(c, "rss_idle") if c != "direct" else "—",
+                   rss_cell(c, "rss_1k") if c != "direct" else "—",
+                   rss_cell(c, "rss_10k") if c != "direct" else "—",
+                   fmt(per_conn(c), 1) if c != "direct" else "—",
+                   fmt(M[c].get("stall_kib"), 1),
+                   f"{binsz / 1024:,.0f} KiB" if binsz else "—"]
+            lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    if udp_measured:
+        lines.append(f"UDP: `iperf3 -u -b {meta.get('udp_rate', '?')} -l {meta.get('udp_len', '?')} -w 4M` (a fixed "
+                     "offered rate) from the client to the server through each relay, fed by an nft TPROXY rule "
+                     "for UDP; received Gbit/s (ratio to `udp-direct`), loss as iperf3's server counts it, CPU "
+                     "per GB received as above, RSS in MiB after the runs.")
+        lines.append("")
+        uh = ["configuration", "offered Gbit/s", "received Gbit/s", "loss %", "proxy CPU s/GB",
+              "bench CPU s/GB", "system CPU s/GB", "RSS idle", "RSS after"]
+        lines.append("| " + " | ".join(uh) + " |")
+        lines.append("|" + "---|" * len(uh))
+        ud = med(vals, "udp-direct", "udp_tput")
+        for c in udp_measured:
+            t = med(vals, c, "udp_tput")
+            tcell = fmt(t) + (f" ({t / ud:.2f}×)" if ud and c != "udp-direct" and t is not None else "")
+            mib = lambda m: fmt(med(vals, c, m) / 1024.0) if med(vals, c, m) is not None else "—"
+            row = [f"`{c}`", fmt(med(vals, c, "udp_sent")), tcell, fmt(med(vals, c, "udp_loss"), 3),
+                   fmt(med(vals, c, "udp_proxy_cpu_gb"), 3), fmt(med(vals, c, "udp_bench_cpu_gb"), 3),
+                   fmt(med(vals, c, "udp_sys_cpu_gb"), 3), mib("rss_idle"), mib("udp_rss")]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
     lines.append("Configurations:")
     for c in configs:
         extra = []
@@ -294,6 +343,38 @@ def main():
         T.append(("ksocks connection rate >= the best peer", kc >= pc,
                   f"{kcc} {kc:,.0f}/s vs {pcc} {pc:,.0f}/s"))
 
+    # Issue 10: tcsplice against kernel forwarding.
+    tc = M.get("ksocks-tcsplice", {})
+    T10 = []
+    for m, want, what in (("tput1", 0.90, "single stream"), ("tput8", 0.90, "8 streams")):
+        if tc.get(m) is None or not d.get(m):
+            T10.append((f"ksocks-tcsplice {what} >= {want:.2f} x direct", None, "not measured"))
+        else:
+            T10.append((f"ksocks-tcsplice {what} >= {want:.2f} x direct", tc[m] >= want * d[m],
+                        f"{tc[m]:.2f} vs {d[m]:.2f} Gbit/s = {tc[m] / d[m]:.2f} x"))
+    if tc.get("lat_avg") is None or not d.get("lat_avg"):
+        T10.append(("ksocks-tcsplice 64-byte RTT within 10% of direct", None, "not measured"))
+    else:
+        T10.append(("ksocks-tcsplice 64-byte RTT within 10% of direct", tc["lat_avg"] <= 1.10 * d["lat_avg"],
+                    f"{tc['lat_avg']:.1f} vs {d['lat_avg']:.1f} µs = {tc['lat_avg'] / d['lat_avg']:.2f} x"))
+    if tc.get("proxy_cpu_gb") is None:
+        T10.append(("ksocks-tcsplice proxy CPU <= 0.01 s/GB", None, "not measured"))
+    else:
+        T10.append(("ksocks-tcsplice proxy CPU <= 0.01 s/GB", tc["proxy_cpu_gb"] <= 0.01,
+                    f"{tc['proxy_cpu_gb']:.4f} s/GB"))
+    if tc.get("stall_kib") is None:
+        T10.append(("ksocks-tcsplice router memory per stalled bulk connection about 0", None, "not measured"))
+    else:
+        others = ", ".join(f"{c} {M[c]['stall_kib']:.0f}" for c in KSOCKS
+                           if c != "ksocks-tcsplice" and M.get(c, {}).get("stall_kib") is not None)
+        T10.append(("ksocks-tcsplice router memory per stalled bulk connection about 0",
+                    tc["stall_kib"] <= 16, f"{tc['stall_kib']:.1f} KiB" + (f" (KiB: {others})" if others else "")))
+    lines.append("## Issue 10 targets (tcsplice)")
+    lines.append("")
+    for name, ok, why in T10:
+        verdict = "not measured" if ok is None else ("met" if ok else "not met")
+        lines.append(f"- {name}: **{verdict}** — {why}")
+    lines.append("")
     lines.append("## Issue 5 targets")
     lines.append("")
     for name, ok, why in T:

@@ -17,7 +17,13 @@
       the client opens N1 connections, writes "opened=<ok> failed=<n>" to FILE, waits for
       SIGUSR1, opens up to N2, writes FILE again, then holds until SIGTERM or --max-time.
       The server accepts and holds; FILE holds the number of currently open connections.
+  tools.py stall-server --port P [--max-time S]
+  tools.py stall-client --dst IP --port P --count N --status FILE [--max-time S]
+      stalled bulk downloads: the client opens N connections and sends one byte on each (a
+      request), then never reads; the server answers each request after 0.3 s (a quiet moment,
+      as after a real request) with data until the connection goes away. FILE: "opened=<n>".
 """
+import threading
 import os
 import selectors
 import signal
@@ -282,6 +288,61 @@ def cmd_hold_client(args):
         s.close()
 
 
+def cmd_stall_server(args):
+    port = int(_opt(args, "--port"))
+    deadline = time.monotonic() + float(_opt(args, "--max-time", "3600"))
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", port))
+    ls.listen(128)
+    ls.settimeout(0.5)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+
+    def serve(c):
+        chunk = b"x" * 65536
+        try:
+            c.settimeout(max(1.0, deadline - time.monotonic()))
+            if c.recv(1):
+                time.sleep(0.3)
+                while time.monotonic() < deadline:
+                    c.sendall(chunk)
+        except OSError:
+            pass
+        c.close()
+
+    while time.monotonic() < deadline:
+        try:
+            c, _a = ls.accept()
+        except socket.timeout:
+            continue
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+def cmd_stall_client(args):
+    dst, port = _opt(args, "--dst"), int(_opt(args, "--port"))
+    n, status = int(_opt(args, "--count")), _opt(args, "--status")
+    deadline = time.monotonic() + float(_opt(args, "--max-time", "60"))
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        s.settimeout(3.0)
+        try:
+            s.connect((dst, port))
+            s.sendall(b"?")
+            socks.append(s)
+        except OSError:
+            s.close()
+    _write(status, f"opened={len(socks)}")
+    while not stop and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -301,6 +362,10 @@ def main():
         cmd_hold_server(args)
     elif cmd == "hold-client":
         cmd_hold_client(args)
+    elif cmd == "stall-server":
+        cmd_stall_server(args)
+    elif cmd == "stall-client":
+        cmd_stall_client(args)
     else:
         sys.exit(__doc__)
 

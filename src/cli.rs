@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub const HELP: &str = "\
-ksocks: transparent TCP proxy whose data plane runs in the kernel (eBPF sockmap or splice)
+ksocks: transparent TCP and UDP proxy whose TCP data plane runs in the kernel (tc BPF, sockmap or splice)
 
 Usage: ksocks [OPTIONS]   (at least one listener)
 
@@ -19,7 +19,9 @@ Listeners (each repeatable):
                              An IPv6 ADDR is IPv6-only: use -r 0.0.0.0:P -r [::]:P for both.
   -t, --tproxy ADDR          accept connections diverted by TPROXY (IP_TRANSPARENT);
                              the destination is the accepted socket's local address.
-  -s, --socks ADDR           a SOCKS5 server (RFC 1928, CONNECT only)
+  -s, --socks ADDR           a SOCKS5 server (RFC 1928: CONNECT and UDP ASSOCIATE)
+  -T, --udp-tproxy ADDR      receive UDP diverted by TPROXY; replies leave from the address
+                             the client sent to (an IPv6 ADDR is IPv6-only, as for -r)
 
 SOCKS5 server:
       --socks-auth USER:PASS require RFC 1929 username/password (repeatable); without it
@@ -33,12 +35,24 @@ Upstream:
                                socks5://[USER:PASS@]HOST:PORT
                                ss://none@HOST:PORT or ss://BASE64URL(none:PASSWORD)@HOST:PORT
                              (shadowsocks without encryption: only unencrypted streams can be
-                             spliced in the kernel). HOST is an IP address ([v6] in brackets).
+                             spliced in the kernel). HOST is an IP address ([v6] in brackets)
+                             or a name, resolved by the system resolver off the
+                             event loop at start and again when connecting fails.
+
+UDP (-T and SOCKS5 UDP ASSOCIATE, one association per client address:port, full cone):
+      --udp-timeout SECS     end associations idle this long (default 60; DNS: once answered)
+      --udp-max N            at most N associations (default 4096; when full the oldest idle ends)
 
 Data plane:
-      --dataplane MODE       auto | sockmap | splice | copy (default auto = splice, which
-                             measured fastest here; sockmap moves every byte in the kernel
-                             with no proxy CPU; see README)
+      --dataplane MODE       auto | tcsplice | sockmap | splice | copy (default auto =
+                             splice, which measured fastest of those with two TCP stacks;
+                             sockmap moves every byte in the kernel with no proxy CPU;
+                             tcsplice hands each connection to tc BPF after a quiet moment,
+                             needs CAP_NET_ADMIN and Ethernet devices; see README)
+      --splice-dev IFACE     tcsplice: an interface whose ingress the program watches
+                             (repeatable; default every Ethernet interface that is up and
+                             not a bridge/bond port, because a spliced packet must be
+                             caught wherever it enters the router)
       --buffer-size BYTES    copy-loop buffer per direction (default 16384)
       --inflight-max BYTES   sockmap: bytes one direction may have in flight before the
                              source is paused (default 4194304)
@@ -55,7 +69,7 @@ Connections:
                              firewall rule can exempt them (loop avoidance)
 
 Process:
-      --user NAME            after setup, drop to this user and its group
+      --user NAME            after setup, drop to this user and its group (-T keeps 2 capabilities)
   -v, --verbose              more logs: -v one line per connection, -vv data-plane events
   -q, --quiet                no logs except fatal errors
   -h, --help                 print this help
@@ -84,6 +98,7 @@ impl fmt::Display for ListenerKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dataplane {
     Auto,
+    Tcsplice,
     Sockmap,
     Splice,
     Copy,
@@ -93,6 +108,7 @@ impl fmt::Display for Dataplane {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str(match self {
             Dataplane::Auto => "auto",
+            Dataplane::Tcsplice => "tcsplice",
             Dataplane::Sockmap => "sockmap",
             Dataplane::Splice => "splice",
             Dataplane::Copy => "copy",
@@ -104,6 +120,8 @@ impl fmt::Display for Dataplane {
 pub struct Config {
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     pub dataplane: Dataplane,
+    /// `--splice-dev` (empty: tcsplice's default).
+    pub splice_devs: Vec<String>,
     pub max_conns: usize,
     pub connect_timeout: Duration,
     /// `None` means never time out idle connections.
@@ -120,6 +138,9 @@ pub struct Config {
     pub socks_auth: Vec<Credential>,
     pub handshake_timeout: Duration,
     pub upstream: Upstream,
+    pub udp_listeners: Vec<SocketAddr>,
+    pub udp_timeout: Duration,
+    pub udp_max: usize,
 }
 
 /// Parses one `USER:PASS` (split at the first colon; both non-empty, at most 255 bytes).
@@ -204,6 +225,7 @@ where
 
     let mut listeners = Vec::new();
     let mut dataplane = Dataplane::Auto;
+    let mut splice_devs = Vec::new();
     let mut max_conns = 4096;
     let mut connect_timeout = 10;
     let mut idle_timeout = 0;
@@ -216,6 +238,9 @@ where
     let mut socks_auth = Vec::new();
     let mut handshake_timeout = 10;
     let mut upstream = Upstream::Direct;
+    let mut udp_listeners = Vec::new();
+    let mut udp_timeout = 60;
+    let mut udp_max = 4096;
 
     let mut parser = lexopt::Parser::from_iter(
         std::iter::once("ksocks".into()).chain(args.into_iter().map(Into::into)),
@@ -240,6 +265,17 @@ where
                     parse_value("--socks", parser.value()?)?,
                 ));
             }
+            Short('T') | Long("udp-tproxy") => {
+                udp_listeners.push(parse_value("--udp-tproxy", parser.value()?)?);
+            }
+            Long("udp-timeout") => {
+                let v = parse_value("--udp-timeout", parser.value()?)?;
+                udp_timeout = in_range("--udp-timeout", v, 1, 86400)?;
+            }
+            Long("udp-max") => {
+                let v = parse_value("--udp-max", parser.value()?)?;
+                udp_max = in_range("--udp-max", v, 1, 1 << 20)?;
+            }
             Long("socks-auth") => {
                 let v: String = parse_value("--socks-auth", parser.value()?)?;
                 socks_auth.push(parse_credential(&v)?);
@@ -260,16 +296,18 @@ where
                 let v: String = parse_value("--dataplane", parser.value()?)?;
                 dataplane = match v.as_str() {
                     "auto" => Dataplane::Auto,
+                    "tcsplice" => Dataplane::Tcsplice,
                     "sockmap" => Dataplane::Sockmap,
                     "splice" => Dataplane::Splice,
                     "copy" => Dataplane::Copy,
                     _ => {
                         return Err(CliError(format!(
-                            "--dataplane: '{v}' is not auto, sockmap, splice or copy"
+                            "--dataplane: '{v}' is not auto, tcsplice, sockmap, splice or copy"
                         )))
                     }
                 };
             }
+            Long("splice-dev") => splice_devs.push(parse_value("--splice-dev", parser.value()?)?),
             Long("max-conns") => {
                 max_conns = in_range(
                     "--max-conns",
@@ -311,14 +349,20 @@ where
             _ => return Err(arg.unexpected().into()),
         }
     }
-    if listeners.is_empty() {
+    if listeners.is_empty() && udp_listeners.is_empty() {
         return Err(CliError(
-            "no listener: give at least one --redirect or --tproxy".into(),
+            "no listener: give at least one --redirect, --tproxy, --socks or --udp-tproxy".into(),
+        ));
+    }
+    if !splice_devs.is_empty() && dataplane != Dataplane::Tcsplice {
+        return Err(CliError(
+            "--splice-dev: only for --dataplane tcsplice".into(),
         ));
     }
     Ok(Command::Run(Config {
         listeners,
         dataplane,
+        splice_devs,
         max_conns,
         connect_timeout: Duration::from_secs(connect_timeout),
         idle_timeout: (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout)),
@@ -331,237 +375,12 @@ where
         socks_auth,
         handshake_timeout: Duration::from_secs(handshake_timeout),
         upstream,
+        udp_listeners,
+        udp_timeout: Duration::from_secs(udp_timeout),
+        udp_max,
     }))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(args: &[&str]) -> Result<Config, CliError> {
-        match parse(args.iter().copied())? {
-            Command::Run(c) => Ok(c),
-            other => panic!("expected a run config, got {other:?}"),
-        }
-    }
-
-    /// Marks as nft and iptables print them: decimal or 0x hex.
-    #[test]
-    fn mark_decimal_or_hex() {
-        for (text, want) in [
-            ("42", 42),
-            ("0x2a", 42),
-            ("0X2A", 42),
-            ("0xffffffff", u32::MAX),
-        ] {
-            let c = run(&["-r", "0.0.0.0:1", "--mark", text]).unwrap();
-            assert_eq!(c.mark, Some(want), "--mark {text}");
-        }
-    }
-
-    /// Defaults are the documented ones.
-    #[test]
-    fn defaults() {
-        let c = run(&["-r", "0.0.0.0:12345"]).unwrap();
-        assert_eq!(
-            c.listeners,
-            vec![(ListenerKind::Redirect, "0.0.0.0:12345".parse().unwrap())]
-        );
-        assert_eq!(c.dataplane, Dataplane::Auto);
-        assert_eq!(c.max_conns, 4096);
-        assert_eq!(c.connect_timeout, Duration::from_secs(10));
-        assert_eq!(c.idle_timeout, None);
-        assert_eq!(c.mark, None);
-        assert_eq!(c.buffer_size, 16384);
-        assert_eq!(c.inflight_max, 4 << 20);
-        assert_eq!(c.sndbuf, 0);
-        assert_eq!(c.verbosity, 0);
-    }
-
-    /// Every flag, long and short forms, repeated listeners in both families.
-    #[test]
-    fn all_flags() {
-        let c = run(&[
-            "--redirect",
-            "0.0.0.0:1",
-            "-r",
-            "[::]:1",
-            "-t",
-            "127.0.0.1:2",
-            "--tproxy=[::1]:3",
-            "--dataplane",
-            "copy",
-            "--max-conns",
-            "10",
-            "--connect-timeout",
-            "3",
-            "--idle-timeout",
-            "60",
-            "--mark",
-            "255",
-            "--buffer-size",
-            "4096",
-            "--inflight-max",
-            "1048576",
-            "--user",
-            "nobody",
-            "-vv",
-        ])
-        .unwrap();
-        assert_eq!(c.listeners.len(), 4);
-        assert_eq!(
-            c.listeners[1],
-            (ListenerKind::Redirect, "[::]:1".parse().unwrap())
-        );
-        assert_eq!(
-            c.listeners[3],
-            (ListenerKind::Tproxy, "[::1]:3".parse().unwrap())
-        );
-        assert_eq!(c.dataplane, Dataplane::Copy);
-        assert_eq!(c.max_conns, 10);
-        assert_eq!(c.connect_timeout, Duration::from_secs(3));
-        assert_eq!(c.idle_timeout, Some(Duration::from_secs(60)));
-        assert_eq!(c.mark, Some(255));
-        assert_eq!(c.buffer_size, 4096);
-        assert_eq!(c.inflight_max, 1 << 20);
-        assert_eq!(c.user.as_deref(), Some("nobody"));
-        assert_eq!(c.verbosity, 2);
-        assert_eq!(run(&["-r", "0.0.0.0:1", "-v", "-q"]).unwrap().verbosity, -1);
-    }
-
-    /// SOCKS listeners, credentials (flag and file) and upstream URLs.
-    #[test]
-    fn socks_and_upstream_flags() {
-        let path = std::env::temp_dir().join(format!("ksocks-auth-{}", std::process::id()));
-        std::fs::write(&path, "# users\nbob:pw2\n\n  carol:p:w  \n").unwrap();
-        let c = run(&[
-            "-s",
-            "127.0.0.1:1080",
-            "--socks-auth",
-            "alice:secret",
-            "--socks-auth-file",
-            path.to_str().unwrap(),
-            "--handshake-timeout",
-            "5",
-            "-u",
-            "socks5://u:p@198.19.1.2:1080",
-        ])
-        .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(
-            c.listeners,
-            vec![(ListenerKind::Socks, "127.0.0.1:1080".parse().unwrap())]
-        );
-        let users: Vec<(&[u8], &[u8])> =
-            c.socks_auth.iter().map(|(u, p)| (&u[..], &p[..])).collect();
-        assert_eq!(
-            users,
-            vec![
-                (&b"alice"[..], &b"secret"[..]),
-                (b"bob", b"pw2"),
-                (b"carol", b"p:w")
-            ]
-        );
-        assert_eq!(c.handshake_timeout, Duration::from_secs(5));
-        assert!(matches!(c.upstream, Upstream::Socks5 { .. }));
-        let c = run(&[
-            "-r",
-            "0.0.0.0:1",
-            "--upstream",
-            "ss://none@[2001:db8::1]:8388",
-        ])
-        .unwrap();
-        assert!(matches!(c.upstream, Upstream::Shadowsocks { .. }));
-        assert_eq!(
-            run(&["-r", "0.0.0.0:1"]).unwrap().upstream,
-            Upstream::Direct
-        );
-    }
-
-    #[test]
-    fn help_and_version() {
-        assert_eq!(parse(["--help"]).unwrap(), Command::Help);
-        assert_eq!(parse(["-V"]).unwrap(), Command::Version);
-    }
-
-    /// Bad input is an error that names the flag, never ignored.
-    #[test]
-    fn rejects_bad_input() {
-        let cases: &[(&[&str], &str)] = &[
-            (&[], "no listener"),
-            (&["-r", "0.0.0.0:1", "--bogus"], "bogus"),
-            (&["-r", "0.0.0.0"], "--redirect: invalid value"),
-            (&["-r", "::1:80"], "--redirect: invalid value"),
-            (&["-r"], "missing argument"),
-            (&["-r", "0.0.0.0:1", "--dataplane", "fast"], "--dataplane"),
-            (&["-r", "0.0.0.0:1", "--max-conns", "0"], "--max-conns"),
-            (&["-r", "0.0.0.0:1", "--max-conns", "-5"], "--max-conns"),
-            (&["-r", "0.0.0.0:1", "--buffer-size", "10"], "--buffer-size"),
-            (
-                &["-r", "0.0.0.0:1", "--connect-timeout", "0"],
-                "--connect-timeout",
-            ),
-            (&["-r", "0.0.0.0:1", "--mark", "x"], "--mark"),
-            (&["-r", "0.0.0.0:1", "--mark", "0x"], "--mark"),
-            (&["-r", "0.0.0.0:1", "--mark", "0x1g"], "--mark"),
-            (&["-r", "0.0.0.0:1", "--mark", "0x100000000"], "--mark"),
-            (&["-r", "0.0.0.0:1", "--mark", "-1"], "--mark"),
-            (&["-r", "0.0.0.0:1", "stray"], "stray"),
-            (&["-s", "0.0.0.0:1", "--socks-auth", "nocolon"], "USER:PASS"),
-            (&["-s", "0.0.0.0:1", "--socks-auth", ":pass"], "USER:PASS"),
-            (
-                &[
-                    "-r",
-                    "0.0.0.0:1",
-                    "-u",
-                    "ss://aes-256-gcm:pw@198.19.1.2:8388",
-                ],
-                "unencrypted",
-            ),
-            (
-                &["-r", "0.0.0.0:1", "-u", "http://198.19.1.2:8080"],
-                "--upstream",
-            ),
-            (
-                &[
-                    "-s",
-                    "0.0.0.0:1",
-                    "--socks-auth-file",
-                    "/nonexistent/ksocks",
-                ],
-                "--socks-auth-file",
-            ),
-        ];
-        for (args, needle) in cases {
-            let err = run(args).expect_err(&format!("{args:?} should fail"));
-            assert!(
-                err.0.contains(needle),
-                "{args:?}: error '{}' lacks '{needle}'",
-                err.0
-            );
-        }
-    }
-
-    /// The help text documents every long flag the parser accepts.
-    #[test]
-    fn help_lists_every_flag() {
-        for flag in [
-            "--redirect",
-            "--tproxy",
-            "--dataplane",
-            "--buffer-size",
-            "--inflight-max",
-            "--max-conns",
-            "--connect-timeout",
-            "--idle-timeout",
-            "--mark",
-            "--user",
-            "--verbose",
-            "--quiet",
-            "--help",
-            "--version",
-        ] {
-            assert!(HELP.contains(flag), "{flag} missing from HELP");
-        }
-    }
-}
+#[path = "cli_tests.rs"]
+mod tests;

@@ -1,7 +1,9 @@
 //! Handshake state machines, pure: bytes in, bytes out, a decision. No I/O.
 //!
-//! - `SocksServer`: the server side of SOCKS5 for `--socks` clients (RFC 1928, RFC 1929).
-//! - `SocksClient`: the client side towards a `socks5://` upstream.
+//! - `SocksServer`: the server side of SOCKS5 for `--socks` clients (RFC 1928, RFC 1929); a
+//!   UDP ASSOCIATE request ends it with `Outcome::Associate`, and the UDP module answers it.
+//! - `SocksClient`: the client side towards a `socks5://` upstream, for CONNECT or (the UDP
+//!   module's) UDP ASSOCIATE.
 //! - shadowsocks needs no state: its address header is written once (`shadowsocks::emit_header`).
 //!
 //! Each `feed` consumes whole messages from the front of `buf` and appends what must be sent to
@@ -23,8 +25,11 @@ pub enum Outcome {
     /// Waiting for more bytes (anything in `out` should be sent meanwhile).
     More,
     /// The handshake is done: connect to this destination (server) / the tunnel is open
-    /// (client).
+    /// (client CONNECT) / the server's UDP relay is at this BND address (client UDP ASSOCIATE).
     Done(Dest),
+    /// Server side: the client asked for UDP ASSOCIATE, naming where its datagrams will come
+    /// from (often `0.0.0.0:0`, "not known yet"); the reply is the UDP relay's to send.
+    Associate(Dest),
     /// Refused or failed: send `out` (if any), log `why`, close.
     Fail { why: String, rep: Option<Rep> },
 }
@@ -148,6 +153,9 @@ impl SocksServer {
             Ok(Some((req, n))) => {
                 buf.drain(..n);
                 self.state = ServerState::Done;
+                if req.cmd == Cmd::UdpAssociate {
+                    return Some(Outcome::Associate(req.dest));
+                }
                 if req.cmd != Cmd::Connect {
                     let rep = Rep::CommandNotSupported;
                     out.extend_from_slice(&socks5::emit_reply(rep, unspecified()));
@@ -179,6 +187,8 @@ pub struct SocksClient {
     state: ClientState,
     auth: Option<Credential>,
     dest: Dest,
+    /// `CMD_CONNECT` or `CMD_UDP_ASSOCIATE`.
+    cmd: u8,
 }
 
 impl SocksClient {
@@ -189,6 +199,16 @@ impl SocksClient {
             state: ClientState::Method,
             auth,
             dest,
+            cmd: socks5::CMD_CONNECT,
+        }
+    }
+
+    /// Starts a UDP ASSOCIATE handshake for datagrams that will come from `from`; `Done`
+    /// then carries the server's relay address (BND).
+    pub fn associate(from: SocketAddr, auth: Option<Credential>, out: &mut Vec<u8>) -> Self {
+        SocksClient {
+            cmd: socks5::CMD_UDP_ASSOCIATE,
+            ..SocksClient::new(Dest::Ip(from), auth, out)
         }
     }
 
@@ -220,7 +240,7 @@ impl SocksClient {
                 buf.drain(..n);
                 match (method, &self.auth) {
                     (socks5::METHOD_NO_AUTH, _) => {
-                        out.extend_from_slice(&socks5::emit_connect(&self.dest));
+                        out.extend_from_slice(&socks5::emit_request(self.cmd, &self.dest));
                         self.state = ClientState::Reply;
                     }
                     (socks5::METHOD_USER_PASS, Some((user, pass))) => {
@@ -251,7 +271,7 @@ impl SocksClient {
             Ok(Some((false, _))) => Some(fail("upstream: authentication failed", None)),
             Ok(Some((true, n))) => {
                 buf.drain(..n);
-                out.extend_from_slice(&socks5::emit_connect(&self.dest));
+                out.extend_from_slice(&socks5::emit_request(self.cmd, &self.dest));
                 self.state = ClientState::Reply;
                 Some(Outcome::More)
             }
@@ -271,7 +291,10 @@ impl SocksClient {
                         Some(reply.rep),
                     ));
                 }
-                Some(Outcome::Done(self.dest.clone()))
+                Some(Outcome::Done(match self.cmd {
+                    socks5::CMD_UDP_ASSOCIATE => reply.bind,
+                    _ => self.dest.clone(),
+                }))
             }
         }
     }
@@ -349,12 +372,11 @@ mod tests {
         assert_eq!(out, [5, 2, 1, 1]);
     }
 
-    /// BIND and UDP ASSOCIATE get "command not supported" (REP 7); a bad ATYP gets REP 8.
+    /// BIND gets "command not supported" (REP 7); a bad ATYP gets REP 8.
     #[test]
     fn server_unsupported_commands_and_address_types() {
         for (req, rep) in [
             (vec![5, 2, 0, 1, 1, 2, 3, 4, 0, 80], 7u8),
-            (vec![5, 3, 0, 1, 1, 2, 3, 4, 0, 80], 7),
             (vec![5, 1, 0, 9, 1], 8),
         ] {
             let (mut s, mut out) = (SocksServer::default(), Vec::new());
@@ -367,6 +389,46 @@ mod tests {
             );
             assert_eq!(&out[..4], &[5, 0, 5, rep], "{req:?}");
         }
+    }
+
+    /// UDP ASSOCIATE (after authentication, as CONNECT) hands over with the client's DST and
+    /// no reply written: the UDP relay answers with its own address.
+    #[test]
+    fn server_udp_associate() {
+        let (mut s, mut out) = (SocksServer::default(), Vec::new());
+        let mut buf = vec![5, 1, 2, 1, 5];
+        buf.extend_from_slice(b"alice");
+        buf.push(6);
+        buf.extend_from_slice(b"secret");
+        buf.extend_from_slice(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
+        let any = Dest::Ip("0.0.0.0:0".parse().unwrap());
+        assert_eq!(
+            s.feed(&mut buf, &mut out, &users()),
+            Outcome::Associate(any)
+        );
+        assert_eq!(out, [5, 2, 1, 0]);
+        let (mut s, mut out) = (SocksServer::default(), Vec::new());
+        let r = s.feed(
+            &mut vec![5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0],
+            &mut out,
+            &users(),
+        );
+        assert!(matches!(r, Outcome::Fail { .. }), "no auth, no association");
+    }
+
+    /// The client side of UDP ASSOCIATE: CMD 3 with our address, and Done carries BND.
+    #[test]
+    fn client_udp_associate() {
+        let mut out = Vec::new();
+        let from = "198.19.1.1:40000".parse().unwrap();
+        let mut c = SocksClient::associate(from, None, &mut out);
+        assert_eq!(out, [5, 1, 0]);
+        out.clear();
+        assert_eq!(c.feed(&mut vec![5, 0], &mut out), Outcome::More);
+        assert_eq!(out, [5, 3, 0, 1, 198, 19, 1, 1, 0x9c, 0x40]);
+        let mut reply = vec![5, 0, 0, 1, 198, 19, 1, 2, 0x04, 0x38];
+        let bnd = Dest::Ip("198.19.1.2:1080".parse().unwrap());
+        assert_eq!(c.feed(&mut reply, &mut out), Outcome::Done(bnd));
     }
 
     /// Garbage and endless input are refused without waiting for ever.

@@ -1,11 +1,14 @@
 //! Parse, set up, run. Fatal errors print `error: ...` and exit non-zero.
 
-use ksocks::cli::{self, Command, Config, Dataplane, ListenerKind};
-use ksocks::event_loop::{self, Plane, Server};
-use ksocks::offload::Offload;
+use ksocks::accept;
+use ksocks::cli::{self, Command, Config, ListenerKind};
+use ksocks::event_loop::Server;
+use ksocks::plane::Plane;
 use ksocks::sys;
+use ksocks::udp::Udp;
 use ksocks::upstream::Upstream;
 use ksocks::{error, info};
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -42,7 +45,7 @@ fn run(cfg: Config) -> Result<(), String> {
     }
     let mut listeners = Vec::new();
     for &(kind, addr) in &cfg.listeners {
-        let l = event_loop::bind_listener(kind, addr)
+        let l = accept::bind_listener(kind, addr)
             .map_err(|e| format!("cannot listen ({kind}) on {addr}: {e}"))?;
         error!("listening {kind} {}", l.addr);
         if kind == ListenerKind::Socks && cfg.socks_auth.is_empty() && !l.addr.ip().is_loopback() {
@@ -53,57 +56,43 @@ fn run(cfg: Config) -> Result<(), String> {
         }
         listeners.push(l);
     }
+    let udp = Udp::bind(&cfg)?;
+    for addr in udp.addrs() {
+        error!("listening udp-tproxy {addr}");
+    }
     if cfg.upstream != Upstream::Direct {
         error!("upstream: {}", cfg.upstream);
     }
-    let plane = choose_plane(&cfg)?;
+    let plane = Plane::choose(&cfg)?;
+    error!("data plane: {}", plane.name());
+    for l in &listeners {
+        plane
+            .prepare_listener(l.fd.as_fd(), &l.addr)
+            .map_err(|e| format!("listener {}: {e}", l.addr))?;
+    }
     if let Some(name) = &cfg.user {
         let account = sys::lookup_user(name)
             .map_err(|e| format!("--user {name}: {e}"))?
             .ok_or_else(|| format!("--user {name}: no such user"))?;
-        sys::drop_privileges(&account)
+        // SO_MARK on every upstream socket needs CAP_NET_ADMIN.
+        let mark: &[u32] = match cfg.mark {
+            Some(_) => &[sys::cap::NET_ADMIN],
+            None => &[],
+        };
+        let mut keep = [plane.capabilities(), udp.capabilities(), mark].concat();
+        keep.sort_unstable();
+        keep.dedup();
+        sys::drop_privileges(&account, &keep)
             .map_err(|e| format!("--user {name}: cannot drop privileges: {e}"))?;
         info!(
-            "running as {name} (uid {}, gid {})",
+            "running as {name} (uid {}, gid {}), keeping capabilities {keep:?}",
             account.uid, account.gid
         );
     }
-    let mut server = Server::new(cfg, listeners, plane)
+    let mut server = Server::new(cfg, listeners, plane, udp)
         .map_err(|e| format!("cannot start the event loop: {e}"))?;
     error!("ready");
     server.run().map_err(|e| format!("event loop: {e}"))?;
     info!("stopped");
     Ok(())
-}
-
-/// Picks the data plane. `auto` tries sockmap (loaded and self-tested), then splice, then
-/// copy, and says why it fell back; an explicit `sockmap` that fails is fatal.
-fn choose_plane(cfg: &Config) -> Result<Plane, String> {
-    let sockmap = || -> Result<Offload, String> {
-        let max_sockets = u32::try_from(cfg.max_conns * 2).unwrap_or(u32::MAX);
-        let off = Offload::load(max_sockets).map_err(|e| e.to_string())?;
-        off.self_test()
-            .map_err(|e| format!("self-test failed: {e}"))?;
-        Ok(off)
-    };
-    let plane = match cfg.dataplane {
-        Dataplane::Copy => Plane::Copy,
-        Dataplane::Splice => Plane::Splice,
-        Dataplane::Sockmap => Plane::Sockmap(
-            sockmap().map_err(|why| format!("sockmap data plane unavailable: {why}"))?,
-        ),
-        // Measured (README, bench/): on this kind of machine splice moved bulk data faster
-        // than sockmap at the same latency and whole-system CPU, with exact backpressure of
-        // its own; sockmap's one advantage was near-zero CPU in the proxy process. So `auto`
-        // is splice, and sockmap is there for whoever wants the kernel to do all of it.
-        // splice(2) exists on every kernel a router runs; a socket it refuses is copied.
-        Dataplane::Auto => Plane::Splice,
-    };
-    let name = match plane {
-        Plane::Copy => "copy",
-        Plane::Splice => "splice",
-        Plane::Sockmap(_) => "sockmap",
-    };
-    error!("data plane: {name}");
-    Ok(plane)
 }

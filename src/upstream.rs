@@ -10,11 +10,12 @@
 //!   `plain` are accepted: ksocks hands the stream to the kernel after the
 //!   header, so it cannot encrypt.
 //!
-//! Hosts must be IP literals (`198.18.0.1`, `[2001:db8::1]`): resolving a
-//! name at start would need a resolver in the start-up path and would
-//! silently pin one address; an IP keeps the behaviour explicit.
-//! Runs once at start, so it allocates freely; it never panics.
+//! A host is an IP literal (`198.18.0.1`, `[2001:db8::1]`) or a DNS name
+//! (`proxy.example.net`), which `target` resolves through the resolver thread
+//! at run time (at start, and again when connecting to it fails), never on the
+//! event loop. Runs once at start, so it allocates freely; it never panics.
 
+pub use crate::target::Server;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -23,12 +24,22 @@ pub enum Upstream {
     Direct,
     /// `auth` is (username, password), each 1..=255 bytes.
     Socks5 {
-        addr: SocketAddr,
+        server: Server,
         auth: Option<(Vec<u8>, Vec<u8>)>,
     },
     Shadowsocks {
-        addr: SocketAddr,
+        server: Server,
     },
+}
+
+impl Upstream {
+    /// The proxy's address, `None` for `direct`.
+    pub fn server(&self) -> Option<&Server> {
+        match self {
+            Upstream::Direct => None,
+            Upstream::Socks5 { server, .. } | Upstream::Shadowsocks { server } => Some(server),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,8 +48,8 @@ pub enum Error {
     Scheme(String),
     /// The part after the scheme is not `host:port`.
     HostPort(String),
-    /// The host is a name, not an IP address.
-    HostNotIp(String),
+    /// The host is neither an IP address nor a DNS name.
+    Host(String),
     /// The port is not a number in 1..=65535.
     Port(String),
     /// A `%` not followed by two hex digits.
@@ -61,9 +72,9 @@ impl fmt::Display for Error {
                 "unknown upstream {url:?}; expected direct, socks5://host:port or ss://none@host:port"
             ),
             Error::HostPort(s) => write!(f, "upstream address {s:?} is not host:port"),
-            Error::HostNotIp(h) => write!(
+            Error::Host(h) => write!(
                 f,
-                "upstream host must be an IP address, not {h:?} (IPv6 in brackets: [2001:db8::1]:1080)"
+                "upstream host {h:?} is neither an IP address nor a host name (IPv6 in brackets: [2001:db8::1]:1080)"
             ),
             Error::Port(p) => write!(f, "upstream port {p:?} is not a number in 1..=65535"),
             Error::Percent => f.write_str("bad percent-encoding in upstream URL (use %XX)"),
@@ -90,9 +101,9 @@ pub fn parse(url: &str) -> Result<Upstream, Error> {
         .ok_or_else(|| Error::Scheme(url.into()))?;
     if scheme.eq_ignore_ascii_case("socks5") {
         let (userinfo, host) = split_userinfo(rest);
-        let addr = parse_host_port(host)?;
+        let server = parse_host_port(host)?;
         let auth = userinfo.map(parse_credentials).transpose()?;
-        Ok(Upstream::Socks5 { addr, auth })
+        Ok(Upstream::Socks5 { server, auth })
     } else if scheme.eq_ignore_ascii_case("ss") {
         parse_ss(rest.split('#').next().unwrap_or(rest))
     } else {
@@ -115,10 +126,10 @@ fn parse_ss(rest: &str) -> Result<Upstream, Error> {
     if host.contains('?') {
         return Err(Error::Plugin);
     }
-    let addr = parse_host_port(&host)?;
+    let server = parse_host_port(&host)?;
     let method = ss_method(&userinfo)?;
     if method.eq_ignore_ascii_case("none") || method.eq_ignore_ascii_case("plain") {
-        Ok(Upstream::Shadowsocks { addr })
+        Ok(Upstream::Shadowsocks { server })
     } else {
         Err(Error::Method(method))
     }
@@ -157,21 +168,25 @@ fn parse_credentials(userinfo: &str) -> Result<(Vec<u8>, Vec<u8>), Error> {
     Ok((user, pass))
 }
 
-/// `198.18.0.1:1080` or `[2001:db8::1]:1080`, with an optional trailing `/`.
-fn parse_host_port(s: &str) -> Result<SocketAddr, Error> {
+/// `198.18.0.1:1080`, `[2001:db8::1]:1080` or `proxy.example.net:1080`, with an optional
+/// trailing `/`.
+fn parse_host_port(s: &str) -> Result<Server, Error> {
     let s = s.strip_suffix('/').unwrap_or(s);
     let bad = || Error::HostPort(s.into());
-    let (ip, port) = if let Some(rest) = s.strip_prefix('[') {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
-        let ip: Ipv6Addr = host.parse().map_err(|_| Error::HostNotIp(host.into()))?;
-        (ip.into(), port)
+        let ip: Ipv6Addr = host.parse().map_err(|_| Error::Host(host.into()))?;
+        (Ok(ip.into()), port)
     } else {
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         if host.is_empty() || host.contains(':') {
             return Err(bad());
         }
-        let ip: Ipv4Addr = host.parse().map_err(|_| Error::HostNotIp(host.into()))?;
-        (ip.into(), port)
+        match host.parse::<Ipv4Addr>() {
+            Ok(ip) => (Ok(ip.into()), port),
+            Err(_) if is_host_name(host) => (Err(host), port),
+            Err(_) => return Err(Error::Host(host.into())),
+        }
     };
     // u16::from_str would accept "+80"; a port is digits only.
     let num = match port.bytes().all(|b| b.is_ascii_digit()) {
@@ -179,7 +194,24 @@ fn parse_host_port(s: &str) -> Result<SocketAddr, Error> {
         false => None,
     };
     let port = num.ok_or_else(|| Error::Port(port.into()))?;
-    Ok(SocketAddr::new(ip, port))
+    Ok(match host {
+        Ok(ip) => Server::Addr(SocketAddr::new(ip, port)),
+        Err(name) => Server::Name(name.to_ascii_lowercase(), port),
+    })
+}
+
+/// RFC 1123 host name: at most 253 bytes of dot-separated labels, each 1..=63 letters,
+/// digits or `-`, not starting or ending with `-`; not all digits and dots (a mistyped IPv4
+/// address is an error, not a name to look up).
+fn is_host_name(h: &str) -> bool {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    h.len() <= 253 && h.split('.').all(label) && !h.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
 fn percent_decode(s: &str) -> Result<Vec<u8>, Error> {
@@ -235,14 +267,14 @@ impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             Upstream::Direct => f.write_str("direct"),
-            Upstream::Socks5 { addr, auth: None } => write!(f, "socks5://{addr}"),
+            Upstream::Socks5 { server, auth: None } => write!(f, "socks5://{server}"),
             Upstream::Socks5 {
-                addr,
+                server,
                 auth: Some((user, _)),
             } => {
-                write!(f, "socks5://{}:***@{addr}", String::from_utf8_lossy(user))
+                write!(f, "socks5://{}:***@{server}", String::from_utf8_lossy(user))
             }
-            Upstream::Shadowsocks { addr } => write!(f, "ss://none@{addr}"),
+            Upstream::Shadowsocks { server } => write!(f, "ss://none@{server}"),
         }
     }
 }
@@ -256,7 +288,9 @@ mod tests {
     }
 
     fn ss(s: &str) -> Upstream {
-        Upstream::Shadowsocks { addr: addr(s) }
+        Upstream::Shadowsocks {
+            server: Server::Addr(addr(s)),
+        }
     }
 
     /// `direct`, in any case.
@@ -270,7 +304,7 @@ mod tests {
     #[test]
     fn socks5_no_auth() {
         let up = |a| Upstream::Socks5 {
-            addr: addr(a),
+            server: Server::Addr(addr(a)),
             auth: None,
         };
         assert_eq!(parse("socks5://198.18.0.1:1080"), Ok(up("198.18.0.1:1080")));
@@ -288,7 +322,7 @@ mod tests {
     #[test]
     fn socks5_auth() {
         let up = |u: &[u8], p: &[u8]| Upstream::Socks5 {
-            addr: addr("198.18.0.1:1080"),
+            server: Server::Addr(addr("198.18.0.1:1080")),
             auth: Some((u.to_vec(), p.to_vec())),
         };
         assert_eq!(
@@ -332,13 +366,42 @@ mod tests {
         assert_eq!(parse("socks5://u:%+f@198.18.0.1:1080"), Err(Error::Percent));
     }
 
-    /// Host names, unbracketed IPv6 and bad ports are refused with a reason.
+    /// Host names parse as names (lower-cased); names in brackets, mistyped IPv4 addresses,
+    /// bad labels, unbracketed IPv6 and bad ports are refused with a reason.
     #[test]
-    fn bad_host_port() {
-        let host = |h: &str| Err(Error::HostNotIp(h.into()));
-        assert_eq!(parse("socks5://proxy.lan:1080"), host("proxy.lan"));
+    fn host_names_and_bad_host_port() {
+        let server = |n: &str| Server::Name(n.into(), 1080);
+        let name = |n: &str, auth| {
+            Ok(Upstream::Socks5 {
+                server: server(n),
+                auth,
+            })
+        };
+        assert_eq!(parse("socks5://proxy.lan:1080"), name("proxy.lan", None));
+        assert_eq!(
+            parse("socks5://Proxy-1.Example.NET.:1080/"),
+            name("proxy-1.example.net.", None)
+        );
+        assert_eq!(
+            parse("socks5://u:p@gw:1080"),
+            name("gw", Some((b"u".to_vec(), b"p".to_vec())))
+        );
+        assert_eq!(
+            parse("ss://none@ss.example:8388"),
+            Ok(Upstream::Shadowsocks {
+                server: Server::Name("ss.example".into(), 8388)
+            })
+        );
+        let host = |h: &str| Err(Error::Host(h.into()));
         assert_eq!(parse("socks5://[proxy]:1080"), host("proxy"));
         assert_eq!(parse("socks5://[198.18.0.1]:1080"), host("198.18.0.1"));
+        assert_eq!(parse("socks5://198.18.0:1080"), host("198.18.0"));
+        assert_eq!(parse("socks5://198.18.0.256:1080"), host("198.18.0.256"));
+        assert_eq!(parse("socks5://-bad.lan:1080"), host("-bad.lan"));
+        assert_eq!(parse("socks5://a..b:1080"), host("a..b"));
+        assert_eq!(parse("socks5://a_b:1080"), host("a_b"));
+        let long = format!("socks5://{}:1080", "a".repeat(64));
+        assert_eq!(parse(&long), Err(Error::Host("a".repeat(64))));
         assert_eq!(
             parse("socks5://2001:db8::1:1080"),
             Err(Error::HostPort("2001:db8::1:1080".into()))
@@ -466,8 +529,8 @@ mod tests {
         assert_eq!(parse("ss://=@198.18.0.1:8388"), Err(Error::Base64));
         assert_eq!(parse("ss://:pw@198.18.0.1:8388"), Err(Error::Base64));
         assert_eq!(
-            parse("ss://none@ss.example:8388"),
-            Err(Error::HostNotIp("ss.example".into()))
+            parse("ss://none@ss_example:8388"),
+            Err(Error::Host("ss_example".into()))
         );
     }
 

@@ -21,6 +21,7 @@ fn help_lists_flags() {
             "--max-conns",
             "--connect-timeout",
             "--idle-timeout",
+            "--udp-tproxy",
             "--mark",
             "--buffer-size",
             "--verbose",
@@ -32,6 +33,41 @@ fn help_lists_flags() {
                 "{flag} output does not mention {f}:\n{out}"
             );
         }
+    }
+}
+
+/// The README's "Command line" section is `ksocks --help`, word for word.
+#[test]
+fn readme_shows_the_help() {
+    let (code, out, _) = run_ksocks(&["--help"], T);
+    assert_eq!(code, Some(0));
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    assert!(
+        readme.contains(&format!("```\n{out}```\n")),
+        "README.md's command line block differs from `ksocks --help`; paste it again:\n{out}"
+    );
+}
+
+/// UDP flags (parsed without a process): -T alone is a valid configuration, repeatable in both
+/// families; out-of-range values name their flag.
+#[test]
+fn udp_flags() {
+    use ksocks::cli::{parse, Command};
+    let args = "-T 0.0.0.0:1 --udp-tproxy [::]:1 --udp-timeout 5 --udp-max 100";
+    let Ok(Command::Run(c)) = parse(args.split(' ')) else {
+        panic!("{args}: not a run configuration");
+    };
+    let udp = (c.udp_listeners, c.udp_timeout.as_secs(), c.udp_max);
+    let want = vec!["0.0.0.0:1".parse().unwrap(), "[::]:1".parse().unwrap()];
+    assert_eq!(udp, (want, 5, 100));
+    for (args, flag) in [
+        ("-T 0.0.0.0:1 --udp-timeout 0", "--udp-timeout"),
+        ("-T 0.0.0.0:1 --udp-max 0", "--udp-max"),
+        ("-T 12346", "--udp-tproxy: invalid value"),
+    ] {
+        let err = parse(args.split(' ')).expect_err(args);
+        assert!(err.0.contains(flag), "{args}: {}", err.0);
     }
 }
 

@@ -122,6 +122,9 @@ enum Exempt {
     /// The recipe's alternative: ksocks runs as a dedicated user (`--user nobody` here, in
     /// place of `--mark`) and the rule returns on `meta skuid`.
     User,
+    /// `--mark` as the recipe has it, with ksocks also dropping to `--user nobody`: it must
+    /// keep CAP_NET_ADMIN, without which SO_MARK fails on every upstream socket.
+    MarkAsUser,
     /// Neither: ksocks' own upstream connections are redirected to ksocks again.
     Nothing,
 }
@@ -133,7 +136,7 @@ fn setup(plane: &str, exempt: Exempt) -> Ctx {
     let topo = Topology::new(Inbound::Redirect, 12345);
     let mut args: Vec<String> = r.args.clone();
     let mut nft = r.nft.clone();
-    if !matches!(exempt, Exempt::Mark) {
+    if !matches!(exempt, Exempt::Mark | Exempt::MarkAsUser) {
         let at = args
             .iter()
             .position(|a| a == "--mark")
@@ -148,6 +151,9 @@ fn setup(plane: &str, exempt: Exempt) -> Ctx {
             .expect("the recipe's mark rule");
         let mark_at = rule.find("meta mark").unwrap();
         rule.replace_range(mark_at.., "meta skuid nobody return");
+    }
+    if let Exempt::MarkAsUser = exempt {
+        args.extend(["--user".into(), "nobody".into()]);
     }
     for cmd in &nft {
         sh_in(&topo.router, cmd);
@@ -195,7 +201,7 @@ fn client_reset_mid_transfer(c: &mut Ctx) {
 macro_rules! planes {
     ($($plane:ident)*) => {$(
         mod $plane {
-            use super::Exempt::{Mark, User};
+            use super::Exempt::{Mark, MarkAsUser, User};
             #[test]
             fn upload_then_reply() {
                 super::run_case(stringify!($plane), Mark, super::upload_then_reply);
@@ -215,6 +221,13 @@ macro_rules! planes {
             #[test]
             fn user_instead_of_mark() {
                 super::run_case(stringify!($plane), User, super::upload_then_reply);
+            }
+            #[test]
+            fn mark_with_user() {
+                super::run_case(stringify!($plane), MarkAsUser, |c| {
+                    super::upload_then_reply(c);
+                    assert!(c.ks.log().contains("keeping capabilities [12]"), "{}", c.ks.log_tail(20));
+                });
             }
         }
     )*};

@@ -5,8 +5,9 @@
 //!
 //! - `interop::<chain>::<plane>::<case>`: the byte-exactness cases of the core issue through
 //!   each chain (`socks`, `socks_auth`, `danted`, `danted_auth`, `microsocks`,
-//!   `microsocks_auth`, `ss`, `socks_via_ss`) on the sockmap, splice and copy planes; close
-//!   lines must show the exact byte counts and the plane. After each case ksocks holds nothing.
+//!   `microsocks_auth`, `ss`, `socks_via_ss`) on the sockmap, splice, copy and tcsplice
+//!   planes; close lines must show the exact byte counts and the plane (or a logged fallback;
+//!   on tcsplice the bulk cases must have been spliced). After each case ksocks holds nothing.
 //! - `curl::<plane>::*`: `curl --socks5` / `--socks5-hostname` through `ksocks --socks`: IPv4
 //!   and IPv6 listeners and destinations, names from test hosts files, no auth,
 //!   `--socks-auth`, `--socks-auth-file`, and chained on to danted and microsocks.
@@ -38,7 +39,7 @@ use std::time::{Duration, Instant};
 /// The data planes every interop case runs on.
 macro_rules! planes {
     ($mac:ident) => {
-        $mac!(sockmap splice copy);
+        $mac!(sockmap splice copy tcsplice);
     };
 }
 
@@ -244,19 +245,30 @@ impl CaseCtx for Ctx {
             .strip_prefix("ksocks: ")
             .and_then(|l| l.split_whitespace().next())
             .unwrap_or("?");
-        let fell_back = self.plane == "sockmap"
-            && line.contains(" plane=copy ")
-            && self.ks.log().lines().any(|l| {
-                l.starts_with(&format!("ksocks: {id} "))
-                    && l.contains("sockmap unavailable for this connection")
-            });
+        let log = self.ks.log();
+        let logged = |what: &str| {
+            log.lines()
+                .any(|l| l.starts_with(&format!("ksocks: {id} ")) && l.contains(what))
+        };
+        let fell_back = match self.plane {
+            "sockmap" => {
+                line.contains(" plane=copy ") && logged("sockmap unavailable for this connection")
+            }
+            // tcsplice relays in userspace (splice) until a quiet moment; a connection that
+            // never had one says why.
+            "tcsplice" => line.contains(" plane=splice ") && logged("tcsplice: not spliced: "),
+            _ => false,
+        };
         assert!(
             fell_back,
             "connection ran on the wrong data plane (started with --dataplane {}): {line}\nlog:\n{}",
             self.plane,
             self.ks.log_tail(20)
         );
-        eprintln!("note: {id} finished on the copy plane (sockmap fallback logged)");
+        eprintln!(
+            "note: {id} finished in userspace ({} fallback logged)",
+            self.plane
+        );
     }
 
     fn expect_end(&self, ends: &[&str]) -> String {
@@ -331,14 +343,29 @@ fn run_interop(mode: Mode, fam: Family, plane: &'static str, name: &str, case: f
     if !require_root() || !require_tools(mode.tools()) {
         return;
     }
-    let mut ctx = Ctx::start(mode, fam, plane);
-    let tag = format!("{mode:?}-{plane}-{name}").to_lowercase();
-    checked(&mut ctx, &tag, |c| {
-        case(c);
-        if let Some(p) = c.peer.as_mut() {
-            assert!(p.is_running(), "{} exited during the case", p.what);
+    // On tcsplice a bulk case may find no quiet moment on a loaded machine (`fallback_busy`,
+    // by design): it runs again, at most ATTEMPTS times in all, and fails if it never splices.
+    const ATTEMPTS: u32 = 3;
+    for attempt in 1..=ATTEMPTS {
+        let mut ctx = Ctx::start(mode, fam, plane);
+        let tag = format!("{mode:?}-{plane}-{name}").to_lowercase();
+        let mut done = true;
+        checked(&mut ctx, &tag, |c| {
+            case(c);
+            if let Some(p) = c.peer.as_mut() {
+                assert!(p.is_running(), "{} exited during the case", p.what);
+            }
+            if plane == "tcsplice" {
+                done = c.ks.assert_bulk_spliced(name, attempt == ATTEMPTS);
+            }
+        });
+        if done {
+            return;
         }
-    });
+        eprintln!(
+            "{name}: every connection fell back busy (attempt {attempt} of {ATTEMPTS}); again"
+        );
+    }
 }
 
 /// Cases every chain runs. `upload_then_reply` and `half_close_late_reply` need a peer that
@@ -673,11 +700,17 @@ fn run_curl(plane: &str, auth: CurlAuth, name: &str) {
                 "no authentication-failed log line"
             );
         }
-        let closes =
-            c.ks.log()
-                .lines()
-                .filter(|l| l.contains(" closed: ") && l.contains("end=done"))
-                .count();
+        // A close line may lag its transfer by a moment (tcsplice learns of the last ACK
+        // from its scan of the entries).
+        let mut closes = 0;
+        wait_until(Duration::from_secs(5), || {
+            closes =
+                c.ks.log()
+                    .lines()
+                    .filter(|l| l.contains(" closed: ") && l.contains("end=done"))
+                    .count();
+            closes >= 7
+        });
         assert!(closes >= 7, "{closes} end=done close lines for 7 fetches");
     });
 }
@@ -966,8 +999,6 @@ bad_input_tests! {
     request_wrong_version: false;
     /// BIND: REP 7.
     request_bind: false;
-    /// UDP ASSOCIATE: REP 7.
-    request_udp_associate: false;
     /// Command 0x09: REP 7.
     request_unknown_command: false;
     /// ATYP 0x09: REP 8.
@@ -1207,16 +1238,6 @@ mod bad {
 
     pub fn request_bind(c: &mut BadCtx) {
         check_request(c, &req_v4_with(1, CMD_BIND), 7, "not supported", "error");
-    }
-
-    pub fn request_udp_associate(c: &mut BadCtx) {
-        check_request(
-            c,
-            &req_v4_with(1, CMD_UDP_ASSOCIATE),
-            7,
-            "not supported",
-            "error",
-        );
     }
 
     pub fn request_unknown_command(c: &mut BadCtx) {
@@ -1882,6 +1903,141 @@ mod upstream_failure {
                     "{fam:?}: BND in the reply vs the server's peer address"
                 );
             }
+        });
+    }
+}
+
+/// `-u socks5://NAME:PORT` and `ss://none@NAME:PORT`: the upstream proxy's name is resolved by
+/// ksocks' resolver thread (from the router namespace's hosts file), at start and again after
+/// a connect to it fails.
+mod upstream_by_name {
+    use super::*;
+
+    const UP_NAME: &str = "up.ksocks.test";
+
+    struct NameCtx {
+        ks: Ksocks,
+        _peer: Peer,
+        _files: Option<TempDir>,
+        hosts: NetnsHosts,
+        topo: Topology,
+    }
+
+    impl Setup for NameCtx {
+        fn ks(&mut self) -> &mut Ksocks {
+            &mut self.ks
+        }
+    }
+
+    /// The peer on the server's IPv4 address; the hosts file names `resolve_to`.
+    fn start(ss: bool, resolve_to: Family) -> NameCtx {
+        let topo = Topology::new(Inbound::Redirect, REDIRECT_PORT);
+        let up = sa(topo.server_ip(Family::V4), UPSTREAM_PORT);
+        let hosts = NetnsHosts::write(&topo.router, &[(topo.server_ip(resolve_to), UP_NAME)]);
+        let (peer, files, url) = match ss {
+            true => (
+                start_ssserver(&topo.server, up),
+                None,
+                format!("ss://none@{UP_NAME}:{UPSTREAM_PORT}"),
+            ),
+            false => {
+                let (p, d) = start_danted(&topo.server, up, "s0", None);
+                (p, Some(d), format!("socks5://{UP_NAME}:{UPSTREAM_PORT}"))
+            }
+        };
+        let mut args = topo.listen_args();
+        args.extend(["-u".into(), url, "--connect-timeout".into(), "3".into()]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ks = Ksocks::start(&topo, &argv);
+        NameCtx {
+            ks,
+            _peer: peer,
+            _files: files,
+            hosts,
+            topo,
+        }
+    }
+
+    impl NameCtx {
+        /// Waits for the log line naming the address the name resolved to.
+        fn expect_resolved(&self, fam: Family) {
+            let line = format!(
+                "upstream {UP_NAME}:{UPSTREAM_PORT} is {}",
+                sa(self.topo.server_ip(fam), UPSTREAM_PORT)
+            );
+            assert!(
+                self.ks.wait_for_log(&line, Duration::from_secs(5)),
+                "no {line:?}; log:\n{}",
+                self.ks.log_tail(20)
+            );
+        }
+
+        /// One REDIRECT client through the upstream, checked both ways.
+        fn transfer(&self, seed: u64) {
+            let l = self.topo.server_listener(Family::V4, SERVER_PORT);
+            let srv = serve_one(l, move |mut s| {
+                expect_stream(&mut s, seed, 100_000, "server: upload");
+                send_pattern(&mut s, seed + 1, 300_000, 64 * 1024).expect("server: reply");
+            });
+            let dst = self.topo.server_addr(Family::V4, SERVER_PORT);
+            let mut s = self.topo.client_connect(dst).expect("client connect");
+            send_all_and_shutdown(&mut s, seed, 100_000);
+            expect_stream(&mut s, seed + 1, 300_000, "client: reply");
+            join(srv);
+            self.ks.expect_close_line(100_000, 300_000, "done");
+        }
+    }
+
+    fn run(ss: bool, resolve_to: Family, name: &str, case: fn(&mut NameCtx)) {
+        let tools: &[&str] = if ss { &["ssserver"] } else { &["danted"] };
+        if !require_root() || !require_tools(tools) {
+            return;
+        }
+        let mut ctx = start(ss, resolve_to);
+        checked(&mut ctx, name, case);
+    }
+
+    /// The name is resolved at start and the connection goes through the SOCKS5 upstream.
+    #[test]
+    fn socks5_upstream_by_name() {
+        run(false, Family::V4, "by-name-socks5", |c| {
+            c.expect_resolved(Family::V4);
+            c.transfer(11);
+        });
+    }
+
+    /// The same through shadowsocks.
+    #[test]
+    fn ss_upstream_by_name() {
+        run(true, Family::V4, "by-name-ss", |c| {
+            c.expect_resolved(Family::V4);
+            c.transfer(21);
+        });
+    }
+
+    /// The name first points where nothing listens (the server's IPv6 address; ssserver is on
+    /// IPv4): that connect is refused and the client reset, the name is looked up again, and
+    /// the next connection reaches the proxy at its new address.
+    #[test]
+    fn name_looked_up_again_after_a_failed_connect() {
+        run(true, Family::V6, "by-name-again", |c| {
+            c.expect_resolved(Family::V6);
+            c.hosts.set(&[(c.topo.server_ip(Family::V4), UP_NAME)]);
+            let dst = c.topo.server_addr(Family::V4, SERVER_PORT);
+            match c.topo.client_connect(dst) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("client connect: {e}"),
+                Ok(mut s) => {
+                    let mut b = [0u8; 16];
+                    match read_some(&mut s, &mut b) {
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                        other => panic!("first client: expected a reset, got {other:?}"),
+                    }
+                }
+            }
+            c.ks.expect_end(&["refused"]);
+            c.expect_resolved(Family::V4);
+            c.transfer(31);
         });
     }
 }

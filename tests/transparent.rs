@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 /// The data planes every case runs on — the ONE place to extend (e.g. `matrix!(copy splice sockmap);`).
 macro_rules! planes {
     () => {
-        matrix!(copy splice sockmap);
+        matrix!(copy splice sockmap tcsplice);
     };
 }
 
@@ -75,6 +75,7 @@ impl CaseCtx for Ctx {
 fn extra_args(case: &str) -> &'static [&'static str] {
     match case {
         "upstream_unreachable_times_out" => &["--connect-timeout", "2"],
+        _ if std::env::var("KSOCKS_SHOW_LOG").is_ok() => &["-v"],
         _ => &[],
     }
 }
@@ -85,6 +86,31 @@ fn run_case(fam: Family, kind: Inbound, plane: &str, name: &str, case: fn(&mut C
     if !require_root() {
         return;
     }
+    // On tcsplice, a case that must splice may find no quiet moment on a loaded machine (both
+    // peers streaming from their first byte: `fallback_busy`, by design); it runs again, at
+    // most ATTEMPTS times in all, and fails if it never splices.
+    for attempt in 1..=ATTEMPTS {
+        if run_once(fam, kind, plane, name, case, attempt == ATTEMPTS) {
+            return;
+        }
+        eprintln!(
+            "{name}: every connection fell back busy (attempt {attempt} of {ATTEMPTS}); again"
+        );
+    }
+}
+
+/// How often a tcsplice case that must splice runs before its busy fallbacks fail it.
+const ATTEMPTS: u32 = 3;
+
+/// One run of `case`; false when it should run again (see `check_tcsplice`).
+fn run_once(
+    fam: Family,
+    kind: Inbound,
+    plane: &str,
+    name: &str,
+    case: fn(&mut Ctx),
+    last: bool,
+) -> bool {
     let topo = Topology::new(kind, KSOCKS_PORT);
     let mut args = vec!["--dataplane", plane];
     args.extend_from_slice(extra_args(name));
@@ -96,23 +122,65 @@ fn run_case(fam: Family, kind: Inbound, plane: &str, name: &str, case: fn(&mut C
         if ctx.ks.is_running() {
             ctx.ks.assert_idle();
         }
+        plane != "tcsplice" || check_tcsplice(&ctx, name, last)
     }));
-    if let Err(e) = r {
-        let path = format!(
-            "{}/ksocks-{fam:?}-{kind:?}-{plane}-{name}.log",
-            env!("CARGO_TARGET_TMPDIR")
-        )
-        .to_lowercase();
-        let saved = match std::fs::write(&path, ctx.ks.log()) {
-            Ok(()) => format!("full log: {path}"),
-            Err(e) => format!("could not save the full log to {path}: {e}"),
-        };
-        eprintln!(
-            "--- ksocks log ({name}, {fam:?}, {kind:?}, {plane}), last 30 lines ---\n{}\n--- {saved}",
-            ctx.ks.log_tail(30)
-        );
-        std::panic::resume_unwind(e);
+    let e = match r {
+        Ok(done) => return done,
+        Err(e) => e,
+    };
+    let path = format!(
+        "{}/ksocks-{fam:?}-{kind:?}-{plane}-{name}.log",
+        env!("CARGO_TARGET_TMPDIR")
+    )
+    .to_lowercase();
+    let saved = match std::fs::write(&path, ctx.ks.log()) {
+        Ok(()) => format!("full log: {path}"),
+        Err(e) => format!("could not save the full log to {path}: {e}"),
+    };
+    eprintln!(
+        "--- ksocks log ({name}, {fam:?}, {kind:?}, {plane}), last 30 lines ---\n{}\n--- {saved}",
+        ctx.ks.log_tail(30)
+    );
+    std::panic::resume_unwind(e);
+}
+
+/// The cases whose connections pause long enough to be handed to the program: on tcsplice
+/// each must have spliced at least one (the others may end in userspace, logged; e.g. a
+/// server that sends from its first moment to a slow reader may never leave a quiet moment).
+/// Not `bidirectional_bulk`: both peers stream from their first byte and never pause, which is
+/// the designed `busy` fallback whenever the hold finds no quiet moment (on a loaded 2-core
+/// machine it found none in three runs); it must be exact either way.
+const MUST_SPLICE: &[&str] = &[
+    "upload_then_reply",
+    "half_close_late_reply",
+    "server_half_close_client_keeps_sending",
+    "sigterm_closes_and_exits_zero",
+];
+
+/// Every connection of a tcsplice case was spliced or logged why not; the long ones spliced.
+/// False (run again) when a case that must splice had only busy fallbacks and `last` is not
+/// set.
+fn check_tcsplice(c: &Ctx, name: &str, last: bool) -> bool {
+    let (spliced, fell_back) = c.ks.assert_plane_or_logged("tcsplice");
+    eprintln!(
+        "tcsplice: {spliced} spliced, {} not: {fell_back:?}",
+        fell_back.len()
+    );
+    if std::env::var("KSOCKS_SHOW_LOG").is_ok() {
+        eprintln!("{}", c.ks.log());
     }
+    common::splice::assert_router_clean(&c.topo);
+    if MUST_SPLICE.contains(&name) {
+        if spliced == 0 && !last && !fell_back.is_empty() && fell_back.iter().all(|r| r == "busy") {
+            return false;
+        }
+        assert!(
+            spliced > 0,
+            "{name}: nothing was spliced; log:\n{}",
+            c.ks.log_tail(20)
+        );
+    }
+    true
 }
 
 macro_rules! case_tests {
@@ -454,9 +522,12 @@ mod cases {
         let mut s = c.connect();
         send_pattern(&mut s, 16, 1000, 1000).expect("client: request");
         let mut st = Stats::default();
+        // On tcsplice, SIGTERM must find the connection spliced (it is then reset from the
+        // program's numbers), not still in its first 2 ms in userspace.
+        let tcsplice = c.ks.log().contains("data plane: tcsplice");
         let open = wait_until(Duration::from_secs(5), || {
             st = c.ks.stats();
-            st.open() == 1
+            st.open() == 1 && (!tcsplice || st.get("tcsplice") == 1)
         });
         assert!(open, "ksocks open={} with one live connection", st.open());
         let status = c.ks.stop();

@@ -25,14 +25,21 @@ const BPF_PROG_ATTACH: libc::c_int = 8;
 const BPF_MAP_LOOKUP_BATCH: libc::c_int = 24;
 // enum bpf_map_type
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
 // enum bpf_prog_type
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 pub const BPF_PROG_TYPE_SK_SKB: u32 = 14;
 // enum bpf_attach_type
 pub const BPF_SK_SKB_STREAM_PARSER: u32 = 4;
 pub const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
 // flag of BPF_MAP_UPDATE_ELEM: fail with EEXIST if the key is present (BPF_ANY = 0 would not)
 pub const BPF_NOEXIST: u64 = 1;
+/// flag of BPF_MAP_UPDATE_ELEM: fail with ENOENT unless the key is present
+pub const BPF_EXIST: u64 = 2;
+/// `map_flags` of a hash map whose elements are allocated on update and freed after an RCU
+/// grace period, so a program never reads an element that an update is reusing.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// `src_reg` of a `ld_imm64` whose `imm` is a map fd.
 pub const BPF_PSEUDO_MAP_FD: u8 = 1;
 /// `BPF_OBJ_NAME_LEN`, including the terminating NUL.
@@ -134,7 +141,7 @@ struct ProgAttachAttr {
 /// `attr` must be the attr struct of `cmd`, and every pointer in it must be valid for what
 /// `cmd` does with it: reads of `key`/`value`/`insns`/`license`, writes of the lookup
 /// `value`, `next_key` and the log buffer, each of the size the kernel expects.
-unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     let size = mem::size_of::<T>() as libc::c_uint;
     // SAFETY: `attr` is live for the call and `size` is its size; the caller vouches for
     // the pointers inside it.
@@ -142,7 +149,7 @@ unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
 }
 
 /// A user pointer as the kernel's `__aligned_u64` (also on 32-bit targets).
-fn ptr(p: *const u8) -> u64 {
+pub(super) fn ptr(p: *const u8) -> u64 {
     p as usize as u64
 }
 
@@ -155,7 +162,10 @@ fn name(s: &str) -> [u8; OBJ_NAME_LEN] {
 }
 
 /// Wraps a descriptor a `bpf()` command just returned.
-fn owned(call: &'static str, ret: io::Result<libc::c_long>) -> Result<OwnedFd, SyscallError> {
+pub(super) fn owned(
+    call: &'static str,
+    ret: io::Result<libc::c_long>,
+) -> Result<OwnedFd, SyscallError> {
     let fd = ret.map_err(|err| SyscallError { call, err })?;
     // SAFETY: on success the command returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
@@ -178,11 +188,24 @@ impl Map {
         max_entries: u32,
         map_name: &str,
     ) -> Result<Map, SyscallError> {
+        Map::create_with_flags(map_type, key_size, value_size, max_entries, 0, map_name)
+    }
+
+    /// `BPF_MAP_CREATE` with `map_flags` (e.g. `BPF_F_NO_PREALLOC`).
+    pub fn create_with_flags(
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        map_name: &str,
+    ) -> Result<Map, SyscallError> {
         let mut attr = MapCreateAttr {
             map_type,
             key_size,
             value_size,
             max_entries,
+            map_flags,
             map_name: name(map_name),
             ..Default::default()
         };
@@ -320,6 +343,7 @@ impl AsFd for Map {
 /// it loads again with a verifier log and returns the first error with that log.
 pub fn prog_load(
     prog_type: u32,
+    expected_attach_type: u32,
     insns: &[u8],
     license: &CStr,
     prog_name: &str,
@@ -341,6 +365,7 @@ pub fn prog_load(
         insns: ptr(insns.as_ptr()),
         license: ptr(license.as_ptr().cast()),
         prog_name: name(prog_name),
+        expected_attach_type,
         ..Default::default()
     };
     // SAFETY: insns and license are live for the call, of the lengths given; no log.
@@ -517,7 +542,7 @@ mod tests {
         // `exit` with r0 never set. (BPF_JMP | BPF_EXIT; no registers, so byte order-free.)
         let insns = [0x95, 0, 0, 0, 0, 0, 0, 0];
         let license = c"GPL";
-        match prog_load(BPF_PROG_TYPE_SK_SKB, &insns, license, "ksocks_bad") {
+        match prog_load(BPF_PROG_TYPE_SK_SKB, 0, &insns, license, "ksocks_bad") {
             Ok(_) => panic!("the verifier accepted a program that returns garbage"),
             Err(e) if skip(&e.err) => {}
             Err(e) => {

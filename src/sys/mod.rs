@@ -4,9 +4,16 @@
 //! lent out as `BorrowedFd`; every `unsafe` block wraps exactly one call and says why it is sound.
 //! Callers above this module never see raw pointers.
 
+#[cfg(test)]
+pub mod alloc_count;
 pub mod bpf;
 pub mod epoll;
+pub mod ethtool;
+pub mod netlink;
+pub mod repair;
 pub mod socket;
+pub mod tc;
+pub mod udp;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -149,6 +156,17 @@ pub fn write(fd: BorrowedFd, buf: &[u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
 /// The user and group to drop to with `--user`.
 pub struct Account {
     pub uid: libc::uid_t,
@@ -169,14 +187,68 @@ pub fn lookup_user(name: &str) -> io::Result<Option<Account>> {
     Ok(Some(Account { uid, gid }))
 }
 
+/// Capabilities (include/uapi/linux/capability.h; not exported by `libc`).
+pub mod cap {
+    /// Binding ports below 1024 (UDP reply sockets for DNS and other well-known ports).
+    pub const NET_BIND_SERVICE: u32 = 10;
+    /// TCP_REPAIR, IP_TRANSPARENT, ctnetlink, tc filters.
+    pub const NET_ADMIN: u32 = 12;
+    /// IP_TRANSPARENT (either this or NET_ADMIN).
+    pub const NET_RAW: u32 = 13;
+}
+
 /// Drops to `account`: supplementary groups cleared, then gid, then uid. Leaving uid 0 clears
-/// every capability (no `PR_SET_KEEPCAPS`), which is what `--user` promises.
-pub fn drop_privileges(account: &Account) -> io::Result<()> {
+/// every capability, which is what `--user` promises, except those in `keep`, which stay
+/// permitted and effective (`PR_SET_KEEPCAPS` across the `setuid`, then `capset`): the ones
+/// the chosen features need after start-up, and no others.
+pub fn drop_privileges(account: &Account, keep: &[u32]) -> io::Result<()> {
     // SAFETY: an empty group list with a null pointer is allowed.
     unsafe { syscall!(setgroups(0, std::ptr::null()))? };
     // SAFETY: plain integer argument.
     unsafe { syscall!(setgid(account.gid))? };
+    if !keep.is_empty() {
+        // SAFETY: PR_SET_KEEPCAPS takes one integer argument; the rest are ignored.
+        unsafe { syscall!(prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0))? };
+    }
     // SAFETY: plain integer argument.
     unsafe { syscall!(setuid(account.uid))? };
+    if keep.is_empty() {
+        return Ok(());
+    }
+    // struct __user_cap_header_struct / __user_cap_data_struct, version 3: two 32-bit words.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    for &c in keep {
+        let d = &mut data[(c / 32) as usize % 2];
+        d.effective |= 1 << (c % 32);
+        d.permitted |= 1 << (c % 32);
+    }
+    // SAFETY: `header` and `data` are live locals of the layouts capset(2) reads for
+    // _LINUX_CAPABILITY_VERSION_3.
+    unsafe {
+        syscall!(syscall(
+            libc::SYS_capset,
+            &mut header as *mut Header,
+            data.as_ptr()
+        ))?
+    };
+    // SAFETY: PR_SET_KEEPCAPS takes one integer argument; the rest are ignored.
+    unsafe { syscall!(prctl(libc::PR_SET_KEEPCAPS, 0 as libc::c_ulong, 0, 0, 0))? };
     Ok(())
 }

@@ -8,13 +8,13 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 /// A `sockaddr_storage` with the length the kernel should read or did write.
-struct RawAddr {
-    storage: libc::sockaddr_storage,
-    len: libc::socklen_t,
+pub(super) struct RawAddr {
+    pub(super) storage: libc::sockaddr_storage,
+    pub(super) len: libc::socklen_t,
 }
 
 impl RawAddr {
-    fn empty() -> RawAddr {
+    pub(super) fn empty() -> RawAddr {
         // SAFETY: sockaddr_storage is plain old data; all-zero is a valid (AF_UNSPEC) value.
         let storage = unsafe { zeroed() };
         RawAddr {
@@ -23,7 +23,7 @@ impl RawAddr {
         }
     }
 
-    fn from(addr: &SocketAddr) -> RawAddr {
+    pub(super) fn from(addr: &SocketAddr) -> RawAddr {
         let mut raw = RawAddr::empty();
         match addr {
             SocketAddr::V4(a) => {
@@ -67,15 +67,15 @@ impl RawAddr {
         raw
     }
 
-    fn ptr(&self) -> *const libc::sockaddr {
+    pub(super) fn ptr(&self) -> *const libc::sockaddr {
         (&self.storage as *const libc::sockaddr_storage).cast()
     }
 
-    fn mut_ptr(&mut self) -> *mut libc::sockaddr {
+    pub(super) fn mut_ptr(&mut self) -> *mut libc::sockaddr {
         (&mut self.storage as *mut libc::sockaddr_storage).cast()
     }
 
-    fn to_socket_addr(&self) -> io::Result<SocketAddr> {
+    pub(super) fn to_socket_addr(&self) -> io::Result<SocketAddr> {
         match self.storage.ss_family as libc::c_int {
             libc::AF_INET if self.len as usize >= size_of::<libc::sockaddr_in>() => {
                 // SAFETY: the family says the storage holds a sockaddr_in of sufficient length.
@@ -106,7 +106,7 @@ impl RawAddr {
     }
 }
 
-fn family(addr: &SocketAddr) -> libc::c_int {
+pub(super) fn family(addr: &SocketAddr) -> libc::c_int {
     match addr {
         SocketAddr::V4(_) => libc::AF_INET,
         SocketAddr::V6(_) => libc::AF_INET6,
@@ -171,6 +171,23 @@ pub fn local_addr(fd: BorrowedFd) -> io::Result<SocketAddr> {
     raw.to_socket_addr()
 }
 
+pub fn peer_addr(fd: BorrowedFd) -> io::Result<SocketAddr> {
+    let mut raw = RawAddr::empty();
+    // SAFETY: `raw` is a writable sockaddr_storage and `raw.len` its size.
+    unsafe { syscall!(getpeername(fd.as_raw_fd(), raw.mut_ptr(), &mut raw.len))? };
+    raw.to_socket_addr()
+}
+
+/// `connect()` to `AF_UNSPEC`: the kernel's `disconnect` — the socket goes to CLOSE and
+/// leaves the connection table (a socket in `TCP_REPAIR` mode sends nothing doing so).
+pub fn disconnect(fd: BorrowedFd) -> io::Result<()> {
+    let raw = RawAddr::empty(); // all zero: AF_UNSPEC
+    let len = size_of::<libc::sa_family_t>() as libc::socklen_t;
+    // SAFETY: `raw` holds at least `len` readable bytes.
+    unsafe { syscall!(connect(fd.as_raw_fd(), raw.ptr(), len))? };
+    Ok(())
+}
+
 /// The destination a connection had before nftables/iptables REDIRECT rewrote it.
 pub fn original_dst(fd: BorrowedFd, ipv6: bool) -> io::Result<SocketAddr> {
     let (level, name) = if ipv6 {
@@ -227,6 +244,15 @@ fn get_opt<T: Copy>(fd: BorrowedFd, level: libc::c_int, name: libc::c_int) -> io
         ))?
     };
     Ok(value)
+}
+
+/// An integer socket option.
+pub fn get_int_opt(
+    fd: BorrowedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    get_opt(fd, level, name)
 }
 
 /// The pending socket error (`SO_ERROR`), cleared by reading it.
@@ -348,6 +374,15 @@ pub fn outq(fd: BorrowedFd) -> io::Result<u32> {
     // SIOCOUTQ is defined as TIOCOUTQ on every architecture (asm/sockios.h).
     // SAFETY: SIOCOUTQ writes one int to the pointer given.
     unsafe { syscall!(ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n))? };
+    #[cfg(feature = "test-hooks")]
+    if let (true, Some(wait)) = (n > 0, crate::test_hooks::outq_wait()) {
+        let (first, end) = (n, std::time::Instant::now() + wait);
+        while n == first && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            // SAFETY: as above.
+            unsafe { syscall!(ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n))? };
+        }
+    }
     Ok(n.max(0) as u32)
 }
 

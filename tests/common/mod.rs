@@ -8,6 +8,8 @@
 #![allow(dead_code)] // each test crate uses a different subset of the helpers
 pub mod cases;
 pub mod peers;
+pub mod splice;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -1001,9 +1003,23 @@ impl Ksocks {
     }
 
     pub fn try_start(topo: &Topology, args: &[&str]) -> Result<Ksocks, String> {
+        Self::try_start_env(topo, args, &[])
+    }
+
+    /// Like `start`, with extra environment variables for ksocks (the test hooks).
+    pub fn start_env(topo: &Topology, args: &[&str], env: &[(&str, &str)]) -> Ksocks {
+        Self::try_start_env(topo, args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_start_env(
+        topo: &Topology,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Ksocks, String> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &topo.router, KSOCKS, "-v"])
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         // ksocks dies with the test thread that started it even if the test process is killed.
         die_with_parent(&mut cmd);
         let mut child = cmd

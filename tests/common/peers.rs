@@ -162,14 +162,9 @@ impl NetnsHosts {
         sweep_once();
         let dir = Path::new("/etc/netns").join(ns);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let mut text = String::from(
-            "# written by the ksocks proxy tests\n127.0.0.1 localhost\n::1 localhost\n",
-        );
-        for (ip, name) in entries {
-            text.push_str(&format!("{ip} {name}\n"));
-        }
-        let hosts = dir.join("hosts");
-        std::fs::write(&hosts, text).unwrap_or_else(|e| panic!("write {}: {e}", hosts.display()));
+        let hosts = NetnsHosts { dir };
+        hosts.set(entries);
+        let dir = &hosts.dir;
         // Names not in the file go to a nameserver that is never there (nothing listens on
         // port 53 in a test namespace): a lookup fails at once instead of waiting on the
         // machine's resolvers.
@@ -179,7 +174,20 @@ impl NetnsHosts {
             "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
         )
         .unwrap_or_else(|e| panic!("write {}: {e}", resolv.display()));
-        NetnsHosts { dir }
+        hosts
+    }
+
+    /// Rewrites the file in place (the same inode, so programs already running in the
+    /// namespace, which see it through a bind mount, read the new entries).
+    pub fn set(&self, entries: &[(IpAddr, &str)]) {
+        let mut text = String::from(
+            "# written by the ksocks proxy tests\n127.0.0.1 localhost\n::1 localhost\n",
+        );
+        for (ip, name) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        let hosts = self.dir.join("hosts");
+        std::fs::write(&hosts, text).unwrap_or_else(|e| panic!("write {}: {e}", hosts.display()));
     }
 }
 

@@ -1,37 +1,41 @@
-//! The userspace data planes, one direction at a time: `copy` (read/write through a bounded
-//! buffer) and `splice` (splice(2) through a pipe, so bytes never enter userspace).
+//! One direction (src -> dst) of the userspace planes: `copy` (read/write through a bounded
+//! buffer) or `splice` (splice(2) through a pipe, so bytes never enter userspace). The copy and
+//! splice planes run two of these; sockmap runs them for what it moves in userspace.
 //!
-//! Invariants of a `Flow` (one direction, src -> dst):
+//! Invariants of a `Flow`:
 //! - at most `cap` bytes are held (buffer or pipe); a full carrier stops reading src, so a slow
 //!   reader slows the sender (TCP flow control) instead of growing memory;
 //! - the buffer or pipe exists only while bytes are in it (`release`), so idle connections cost
 //!   no memory beyond the struct;
 //! - end of stream from src becomes `shutdown(dst, SHUT_WR)` only after every byte before it was
-//!   written to dst; the other direction is independent and keeps flowing.
+//!   written to dst; the other direction is independent and keeps flowing;
+//! - a socket splice(2) refuses, or a pipe that cannot be made, turns this flow into a copy
+//!   while it holds nothing, so the fallback loses no byte.
 
+use crate::end::Broken;
 use crate::sys::{self, socket};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-/// How a flow ended abnormally; the caller resets the other socket.
-#[derive(Debug)]
-pub enum Broken {
-    /// Reading the source failed (usually ECONNRESET: the sender reset).
-    Src(io::Error),
-    /// Writing the destination failed (EPIPE/ECONNRESET: the receiver reset).
-    Dst(io::Error),
+/// What holds a flow's bytes between src and dst. Either exists only while it holds bytes
+/// (a pipe is kept until idle: making one costs syscalls), so `None` means "nothing held".
+enum Carrier {
+    Copy(Option<Buffer>),
+    Splice(Option<Pipe>),
 }
 
-enum Carrier {
-    Copy {
-        buf: Option<Box<[u8]>>,
-        head: usize,
-        tail: usize,
-    },
-    Splice {
-        pipe: Option<(OwnedFd, OwnedFd)>,
-        len: usize,
-    },
+struct Buffer {
+    buf: Box<[u8]>,
+    /// Bytes `head..tail` are held.
+    head: usize,
+    tail: usize,
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes in the pipe.
+    len: usize,
 }
 
 pub struct Flow {
@@ -58,18 +62,11 @@ fn would_block(e: &io::Error) -> bool {
 
 impl Flow {
     pub fn copy(cap: usize) -> Flow {
-        Flow::new(
-            Carrier::Copy {
-                buf: None,
-                head: 0,
-                tail: 0,
-            },
-            cap,
-        )
+        Flow::new(Carrier::Copy(None), cap)
     }
 
     pub fn splice(cap: usize) -> Flow {
-        Flow::new(Carrier::Splice { pipe: None, len: 0 }, cap)
+        Flow::new(Carrier::Splice(None), cap)
     }
 
     fn new(carrier: Carrier, cap: usize) -> Flow {
@@ -85,14 +82,15 @@ impl Flow {
     }
 
     pub fn is_splice(&self) -> bool {
-        matches!(self.carrier, Carrier::Splice { .. })
+        matches!(self.carrier, Carrier::Splice(_))
     }
 
     /// Bytes held between src and dst.
     pub fn pending(&self) -> usize {
         match &self.carrier {
-            Carrier::Copy { head, tail, .. } => tail - head,
-            Carrier::Splice { len, .. } => *len,
+            Carrier::Copy(Some(b)) => b.tail - b.head,
+            Carrier::Splice(Some(p)) => p.len,
+            _ => 0,
         }
     }
 
@@ -108,13 +106,11 @@ impl Flow {
 
     /// Frees the buffer or pipe when it holds nothing.
     pub fn release(&mut self) {
-        match &mut self.carrier {
-            Carrier::Copy { buf, head, tail } if head == tail => {
-                *buf = None;
-                (*head, *tail) = (0, 0);
-            }
-            Carrier::Splice { pipe, len: 0 } => *pipe = None,
-            _ => {}
+        if self.pending() == 0 {
+            self.carrier = match self.carrier {
+                Carrier::Copy(_) => Carrier::Copy(None),
+                Carrier::Splice(_) => Carrier::Splice(None),
+            };
         }
     }
 
@@ -144,66 +140,21 @@ impl Flow {
                 }
             }
         }
-        if self.pending() == 0 {
-            if let Carrier::Copy { .. } = self.carrier {
-                self.release(); // pipes are kept until idle: creating one costs syscalls
-            }
+        if let Carrier::Copy(_) = self.carrier {
+            self.release(); // pipes are kept until idle: creating one costs syscalls
         }
         Ok(progress)
     }
 
     /// Reads from src into the carrier; 0 means would block or end of stream (sets `eof`).
     fn fill(&mut self, src: BorrowedFd) -> Result<usize, Broken> {
-        let cap = self.cap;
-        if let Carrier::Splice { pipe: None, .. } = self.carrier {
-            self.carrier = match sys::pipe() {
-                Ok(p) => Carrier::Splice {
-                    pipe: Some(p),
-                    len: 0,
-                },
-                // Out of descriptors: this flow carries on as a copy, nothing is lost.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    Carrier::Copy {
-                        buf: None,
-                        head: 0,
-                        tail: 0,
-                    }
-                }
-                Err(e) => return Err(Broken::Src(e)),
-            };
-        }
-        let res = match &mut self.carrier {
-            Carrier::Copy { buf, head, tail } => {
-                let buf = buf.get_or_insert_with(|| vec![0u8; cap].into_boxed_slice());
-                if *head == *tail {
-                    (*head, *tail) = (0, 0);
-                }
-                let res = socket::recv(src, &mut buf[*tail..]);
-                if let Ok(n) = res {
-                    *tail += n;
-                }
-                res
-            }
-            Carrier::Splice { pipe, len } => {
-                let (_, w) = pipe
-                    .as_ref()
-                    .expect("a splice carrier has its pipe while filling");
-                let res = sys::splice(src, w.as_fd(), cap - *len);
-                match res {
-                    Ok(n) => *len += n,
-                    // A socket that cannot be spliced (EINVAL) is copied instead; the pipe
-                    // is empty, so switching loses nothing.
-                    Err(ref e) if *len == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-                        self.carrier = Carrier::Copy {
-                            buf: None,
-                            head: 0,
-                            tail: 0,
-                        };
-                        return self.fill(src);
-                    }
-                    Err(_) => {}
-                }
-                res
+        let res = match self.read_into_carrier(src)? {
+            Some(res) => res,
+            // splice(2) refused this socket, or no pipe could be made: copy from now on. The
+            // carrier holds nothing, so switching loses no byte.
+            None => {
+                self.carrier = Carrier::Copy(None);
+                self.read_into_carrier(src)?.unwrap_or(Ok(0))
             }
         };
         match res {
@@ -225,29 +176,78 @@ impl Flow {
         }
     }
 
+    /// One read of src into the carrier, making the buffer or pipe first if there is none.
+    /// `Ok(None)`: this splice carrier cannot carry src (EINVAL from splice(2) while the pipe
+    /// is empty, or out of descriptors for a pipe).
+    fn read_into_carrier(&mut self, src: BorrowedFd) -> Result<Option<io::Result<usize>>, Broken> {
+        let cap = self.cap;
+        match &mut self.carrier {
+            Carrier::Copy(slot) => {
+                let b = slot.get_or_insert_with(|| Buffer {
+                    buf: vec![0u8; cap].into_boxed_slice(),
+                    head: 0,
+                    tail: 0,
+                });
+                if b.head == b.tail {
+                    (b.head, b.tail) = (0, 0);
+                }
+                let res = socket::recv(src, &mut b.buf[b.tail..]);
+                if let Ok(n) = res {
+                    b.tail += n;
+                }
+                Ok(Some(res))
+            }
+            Carrier::Splice(slot) => {
+                let p = match slot {
+                    Some(p) => p,
+                    None => match sys::pipe() {
+                        Ok((read, write)) => slot.insert(Pipe {
+                            read,
+                            write,
+                            len: 0,
+                        }),
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                            return Ok(None)
+                        }
+                        Err(e) => return Err(Broken::Src(e)),
+                    },
+                };
+                let res = sys::splice(src, p.write.as_fd(), cap - p.len);
+                match res {
+                    Ok(n) => p.len += n,
+                    Err(ref e) if p.len == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                        return Ok(None)
+                    }
+                    Err(_) => {}
+                }
+                Ok(Some(res))
+            }
+        }
+    }
+
     /// Writes held bytes to dst; returns how many were written.
     fn flush(&mut self, dst: BorrowedFd) -> Result<usize, Broken> {
         let mut total = 0;
-        while self.pending() > 0 {
+        loop {
             let res = match &mut self.carrier {
-                Carrier::Copy { buf, head, tail } => {
-                    let buf = buf.as_ref().expect("pending bytes live in a buffer");
-                    let res = socket::send(dst, &buf[*head..*tail]);
+                Carrier::Copy(Some(b)) if b.tail > b.head => {
+                    let res = socket::send(dst, &b.buf[b.head..b.tail]);
                     if let Ok(n) = res {
-                        *head += n;
+                        b.head += n;
                     }
                     res
                 }
-                Carrier::Splice { pipe, len } => {
-                    let (r, _) = pipe.as_ref().expect("pending bytes live in a pipe");
-                    let res = sys::splice(r.as_fd(), dst, *len);
+                Carrier::Splice(Some(p)) if p.len > 0 => {
+                    let res = sys::splice(p.read.as_fd(), dst, p.len);
                     if let Ok(n) = res {
-                        *len -= n;
+                        p.len -= n;
                     }
                     res
                 }
+                _ => break, // nothing held
             };
             match res {
+                Ok(0) => break, // not expected with bytes held; never spin on it
                 Ok(n) => {
                     self.written += n as u64;
                     total += n;
