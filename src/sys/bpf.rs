@@ -368,8 +368,7 @@ pub fn prog_load(
         expected_attach_type,
         ..Default::default()
     };
-    // SAFETY: insns and license are live for the call, of the lengths given; no log.
-    let err = match owned(CALL, unsafe { bpf(BPF_PROG_LOAD, &mut attr) }) {
+    let err = match load(&mut attr) {
         Ok(fd) => return Ok(fd),
         Err(err) => err,
     };
@@ -377,15 +376,35 @@ pub fn prog_load(
     attr.log_level = 1;
     attr.log_size = LOG_SIZE as u32;
     attr.log_buf = ptr(log.as_mut_ptr());
-    // SAFETY: as above, and the log buffer is live and LOG_SIZE bytes long.
-    if let Ok(fd) = owned(CALL, unsafe { bpf(BPF_PROG_LOAD, &mut attr) }) {
-        return Ok(fd); // a transient failure (e.g. EAGAIN); the retry worked
+    if let Ok(fd) = load(&mut attr) {
+        return Ok(fd); // a transient failure; the retry worked
     }
     let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
     Err(LoadError {
         err,
         log: String::from_utf8_lossy(&log[..end]).into_owned(),
     })
+}
+
+/// How often a load interrupted by a signal is tried (libbpf tries 5 times as well).
+const LOAD_ATTEMPTS: usize = 5;
+
+/// One `BPF_PROG_LOAD`, tried again when it fails with `EAGAIN`: the verifier gives up
+/// with `EAGAIN` whenever a signal is pending, and a frozen-and-thawed task (cgroup freezer,
+/// checkpointing hosts) sees one without any signal being sent.
+fn load(attr: &mut ProgLoadAttr) -> Result<OwnedFd, SyscallError> {
+    let mut attempt = 1;
+    loop {
+        // SAFETY: the attr's pointers (insns, license, and the log buffer when log_size is
+        // set) are live for the call and of the lengths the attr gives.
+        let ret = owned("BPF_PROG_LOAD", unsafe { bpf(BPF_PROG_LOAD, attr) });
+        match ret {
+            Err(e) if e.err.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS => {
+                attempt += 1
+            }
+            other => return other,
+        }
+    }
 }
 
 /// `BPF_PROG_ATTACH` of `prog` to the map `target` (sk_skb programs attach to a sockmap).
