@@ -19,6 +19,7 @@
 pub mod flow;
 pub mod sockmap;
 pub mod tcsplice;
+pub mod timer;
 pub mod user;
 
 use crate::cli::{Config, Dataplane};

@@ -38,15 +38,14 @@ impl Kernel {
     }
 
     fn run_self_test(&self, deadline: Instant) -> Result<(), String> {
-        // c1 -> [p1 | p2] -> c2, like client -> ksocks -> server.
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ctx("bind"))?;
-        let addr = listener.local_addr().map_err(ctx("bind"))?;
-        let mut c1 = TcpStream::connect(addr).map_err(ctx("connect"))?;
-        let (p1, _) = listener.accept().map_err(ctx("accept"))?;
-        let p2 = TcpStream::connect(addr).map_err(ctx("connect"))?;
-        let (mut c2, _) = listener.accept().map_err(ctx("accept"))?;
-        let k1 = socket::socket_cookie(p1.as_fd()).map_err(ctx("SO_COOKIE"))?;
-        let k2 = socket::socket_cookie(p2.as_fd()).map_err(ctx("SO_COOKIE"))?;
+        let Loopback {
+            mut c1,
+            p1,
+            p2,
+            mut c2,
+            k1,
+            k2,
+        } = loopback()?;
         let base1 = SendTotal::exact(0, p1.as_fd())?;
         let base2 = SendTotal::exact(0, p2.as_fd())?;
         self.pair(p1.as_fd(), k1, p2.as_fd(), k2)
@@ -114,6 +113,36 @@ impl Kernel {
             thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// Two loopback connections c1 -> [p1 | p2] -> c2, like client -> ksocks -> server, with
+/// the socket cookies of p1 and p2.
+pub(super) struct Loopback {
+    pub c1: TcpStream,
+    pub p1: TcpStream,
+    pub p2: TcpStream,
+    pub c2: TcpStream,
+    pub k1: u64,
+    pub k2: u64,
+}
+
+pub(super) fn loopback() -> Result<Loopback, String> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ctx("bind"))?;
+    let addr = listener.local_addr().map_err(ctx("bind"))?;
+    let c1 = TcpStream::connect(addr).map_err(ctx("connect"))?;
+    let (p1, _) = listener.accept().map_err(ctx("accept"))?;
+    let p2 = TcpStream::connect(addr).map_err(ctx("connect"))?;
+    let (c2, _) = listener.accept().map_err(ctx("accept"))?;
+    let k1 = socket::socket_cookie(p1.as_fd()).map_err(ctx("SO_COOKIE"))?;
+    let k2 = socket::socket_cookie(p2.as_fd()).map_err(ctx("SO_COOKIE"))?;
+    Ok(Loopback {
+        c1,
+        p1,
+        p2,
+        c2,
+        k1,
+        k2,
+    })
 }
 
 pub(super) fn ctx(what: &'static str) -> impl Fn(io::Error) -> String {

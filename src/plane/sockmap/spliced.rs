@@ -20,6 +20,7 @@ use super::kernel::Kernel;
 use super::wake::Wakeup;
 use crate::debug;
 use crate::end::{broken_end, reset_of, End, Side};
+use crate::plane::timer::Queued;
 use crate::sock::Pair;
 use crate::sys::{epoll, socket};
 use std::io;
@@ -91,7 +92,7 @@ pub struct Spliced {
     wakeup: Wakeup,
     inflight_max: u64,
     /// The poll the event loop has queued for this connection.
-    scheduled: Option<Instant>,
+    scheduled: Queued,
     /// Directions the kernel refused, not yet counted in the plane's stats.
     pub fallbacks: Fallbacks,
     stopped: bool,
@@ -161,7 +162,7 @@ impl Spliced {
             armed: [false; 2],
             wakeup: kernel.wakeup,
             inflight_max,
-            scheduled: None,
+            scheduled: Queued::default(),
             fallbacks: [0; Fallback::ALL.len()],
             stopped: false,
             scanned,
@@ -231,24 +232,13 @@ impl Spliced {
 
     /// Whether the queued poll at `t` is the current one (the heap keeps stale entries).
     pub fn due(&mut self, t: Instant) -> bool {
-        if self.scheduled == Some(t) {
-            self.scheduled = None;
-            true
-        } else {
-            false
-        }
+        self.scheduled.due(t)
     }
 
     /// The next poll to queue, if it is earlier than the one already queued.
     pub fn next_timer(&mut self) -> Option<Instant> {
         let want = self.dirs.iter().filter_map(|d| d.next_poll).min()?;
-        match self.scheduled {
-            Some(s) if s <= want => None,
-            _ => {
-                self.scheduled = Some(want);
-                Some(want)
-            }
-        }
+        self.scheduled.offer(want)
     }
 
     /// Readiness on one socket of the connection.

@@ -17,10 +17,9 @@
 
 use super::books::SendTotal;
 use super::kernel::Kernel;
-use super::selftest::{ctx, pattern, timeout};
+use super::selftest::{ctx, loopback, pattern, timeout, Loopback};
 use crate::sys::socket;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -73,14 +72,14 @@ impl Kernel {
     /// does not read, waits until p1's worker has stopped on the full buffer with bytes left,
     /// then reads c1. Woken when every byte arrives, exact.
     fn woken(&self, armed: bool, deadline: Instant) -> Result<bool, String> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ctx("bind"))?;
-        let addr = listener.local_addr().map_err(ctx("bind"))?;
-        let mut c1 = TcpStream::connect(addr).map_err(ctx("connect"))?;
-        let (p1, _) = listener.accept().map_err(ctx("accept"))?;
-        let p2 = TcpStream::connect(addr).map_err(ctx("connect"))?;
-        let (mut c2, _) = listener.accept().map_err(ctx("accept"))?;
-        let k1 = socket::socket_cookie(p1.as_fd()).map_err(ctx("SO_COOKIE"))?;
-        let k2 = socket::socket_cookie(p2.as_fd()).map_err(ctx("SO_COOKIE"))?;
+        let Loopback {
+            mut c1,
+            p1,
+            p2,
+            mut c2,
+            k1,
+            k2,
+        } = loopback()?;
         socket::set_int_opt(p1.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, TARGET_SNDBUF)
             .map_err(ctx("SO_SNDBUF"))?;
         let base = SendTotal::exact(0, p1.as_fd())?;

@@ -14,6 +14,7 @@ use super::handoff::{self, Fallback, Held, Legs, Refusal};
 use super::map::{Flow, FlowKey, Frozen, Seen, State};
 use super::Plane;
 use crate::end::{End, Side};
+use crate::plane::timer::Queued;
 use crate::plane::user;
 use crate::sock::Pair;
 use crate::sys::epoll;
@@ -75,7 +76,7 @@ pub struct Relay {
     /// What the program saw last of [the client's packets, the upstream peer's packets].
     pub seen: [Seen; 2],
     pub(super) want: Option<Instant>,
-    scheduled: Option<Instant>,
+    scheduled: Queued,
     /// A fallback decided and not yet counted by the plane.
     pub fallback: Option<Refusal>,
     /// Whether a fallback was ever decided (the close counts `early` otherwise).
@@ -117,7 +118,7 @@ impl Relay {
             new_keys: false,
             seen: [Seen::default(); 2],
             want: None,
-            scheduled: None,
+            scheduled: Queued::default(),
             fallback: None,
             fell_back: false,
             waiting: "its entries (2 ms after entry)",
@@ -474,26 +475,16 @@ impl Relay {
 
     /// Whether the queued timer at `t` is the current one (the heap keeps stale entries).
     pub fn due(&mut self, t: Instant) -> bool {
-        if self.scheduled == Some(t) {
-            self.scheduled = None;
-            true
-        } else {
-            false
-        }
+        self.scheduled.due(t)
     }
 
-    /// The next timer to queue, if it is earlier than the one already queued.
+    /// The next timer to queue, if it is earlier than the one already queued. A wish that is
+    /// not queued now stays, to be offered again.
     pub fn next_timer(&mut self) -> Option<Instant> {
-        let want = self.want.take()?;
-        match self.scheduled {
-            Some(s) if s <= want => {
-                self.want = Some(want);
-                None
-            }
-            _ => {
-                self.scheduled = Some(want);
-                Some(want)
-            }
+        let queued = self.scheduled.offer(self.want?);
+        if queued.is_some() {
+            self.want = None;
         }
+        queued
     }
 }
