@@ -408,8 +408,25 @@ pub fn start_danted(
     ext_dev: &str,
     user: Option<&SystemUser>,
 ) -> (Peer, TempDir) {
-    let dir = TempDir::new("danted");
+    start_dante(ns, listen, ext_dev, user, false)
+}
+
+/// danted as [`start_danted`]; with `udp`, UDP ASSOCIATE is allowed too and the outside UDP
+/// socket stays unconnected (`udp.connectdst: no`), which makes the relay full cone (by
+/// default dante connects it to the first destination).
+pub fn start_dante(
+    ns: &str,
+    listen: SocketAddr,
+    ext_dev: &str,
+    user: Option<&SystemUser>,
+    udp: bool,
+) -> (Peer, TempDir) {
+    let dir = TempDir::new(if udp { "danted-udp" } else { "danted" });
     let method = if user.is_some() { "username" } else { "none" };
+    let (connectdst, commands) = match udp {
+        true => ("udp.connectdst: no\n", "connect udpassociate udpreply"),
+        false => ("", "connect"),
+    };
     let conf = format!(
         "# ksocks proxy test\n\
          logoutput: stderr\n\
@@ -419,8 +436,9 @@ pub fn start_danted(
          clientmethod: none\n\
          user.privileged: root\n\
          user.unprivileged: nobody\n\
+         {connectdst}\
          client pass {{ from: 0/0 to: 0/0 }}\n\
-         socks pass {{ from: 0/0 to: 0/0 command: connect }}\n",
+         socks pass {{ from: 0/0 to: 0/0 command: {commands} }}\n",
         ip = listen.ip(),
         port = listen.port(),
     );

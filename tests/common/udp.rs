@@ -201,42 +201,14 @@ pub fn start_dnsmasq(topo: &Topology, names: &[(String, Ipv4Addr, Ipv6Addr)]) ->
     }
 }
 
-/// danted with its UDP relay (`command: udpassociate udpreply`) on `listen` in `ns`, sending
-/// out of `ext_dev`. `udp.connectdst: no` keeps its outside socket unconnected, which makes it
-/// full cone (by default dante connects it to the first destination); with `user`, the
-/// SOCKS5 username method is required.
+/// danted with UDP ASSOCIATE allowed and full cone ([`super::peers::start_dante`]).
 pub fn start_danted_udp(
     ns: &str,
     listen: SocketAddr,
     ext_dev: &str,
     user: Option<&super::peers::SystemUser>,
 ) -> (Peer, TempDir) {
-    let dir = TempDir::new("danted-udp");
-    let method = if user.is_some() { "username" } else { "none" };
-    let conf = format!(
-        "# ksocks UDP test\n\
-         logoutput: stderr\n\
-         internal: {ip} port = {port}\n\
-         external: {ext_dev}\n\
-         socksmethod: {method}\n\
-         clientmethod: none\n\
-         user.privileged: root\n\
-         user.unprivileged: nobody\n\
-         udp.connectdst: no\n\
-         client pass {{ from: 0/0 to: 0/0 }}\n\
-         socks pass {{ from: 0/0 to: 0/0 command: connect udpassociate udpreply }}\n",
-        ip = listen.ip(),
-        port = listen.port(),
-    );
-    let path = dir.write("danted.conf", &conf, 0o644);
-    let bin = which("danted").expect("danted installed");
-    let args = vec![path.display().to_string()];
-    let args = ["-f".to_string()]
-        .into_iter()
-        .chain(args)
-        .chain(["-N".into(), "1".into()]);
-    let p = Peer::start(ns, "danted", &bin, &args.collect::<Vec<_>>(), listen);
-    (p, dir)
+    super::peers::start_dante(ns, listen, ext_dev, user, true)
 }
 
 /// shadowsocks-rust's `ssserver`, method `none`, TCP and UDP on `listen` in `ns`. It sets
