@@ -140,6 +140,9 @@ struct flow {
 	__u64 bytes;			/* SPLICE: payload bytes past seq_hi (each byte once) */
 	__u64 dropped;			/* dropped by BLOCK or for an error */
 	__u64 last_ns;			/* bpf_ktime_get_ns() of the last packet */
+	/* seeded by userspace when it writes SPLICE (65535), then written by this program: */
+	__u32 win_last;			/* the sender's last window field, unscaled */
+	__u32 pad2;
 };
 
 /* Why SPLICE packets were dropped, or odd packets passed; indexes of `errors`. */
@@ -151,6 +154,7 @@ enum {
 	ERR_SYN = 4,		/* SYN on an owned flow (port reuse while it lives) */
 	ERR_REDIRECT = 5,	/* bpf_redirect_neigh failed */
 	ERR_OPTIONS = 6,	/* malformed TCP option list: its TS/SACK cannot be found */
+	ERR_RST = 7,		/* RST outside the receiver's window (a blind reset) */
 	ERR_MAX = 8,
 };
 
@@ -185,6 +189,33 @@ static __attribute__((always_inline)) int drop(struct flow *f, __u32 why)
 	if (why < ERR_MAX)
 		count_error(why);
 	return TC_ACT_SHOT;
+}
+
+/*
+ * Whether a RST of spliced flow `f` (its sequence number `seq`, sender's numbering) falls in
+ * the window its receiver last advertised, which the other leg's entry `peer` records: the
+ * receiver's last ACK and window, in the numbering the RST takes once translated. Conntrack
+ * would check this for a forwarded connection, but spliced packets bypass it, so without this
+ * check a RST that guessed only the addresses and ports would end the flow. The window edge
+ * is included (RFC 793 says RCV.NXT <= SEG.SEQ < RCV.NXT + RCV.WND; a real stack's RST is at
+ * its snd_nxt, at most a window past the ACK); the receiver's own TCP then applies RFC 5961.
+ * No peer entry (the flow is being torn down) or a peer not in SPLICE: believed.
+ */
+static __attribute__((always_inline)) int rst_believed(const struct flow *f, __u32 seq,
+							__u8 family)
+{
+	struct flow_key k = {};
+	struct flow *peer;
+
+	__builtin_memcpy(k.saddr, f->daddr, 16);
+	__builtin_memcpy(k.daddr, f->saddr, 16);
+	__builtin_memcpy(k.sport, f->dport, 2);
+	__builtin_memcpy(k.dport, f->sport, 2);
+	k.family = family;
+	peer = bpf_map_lookup_elem(&flows, &k);
+	if (!peer || peer->state != SPLICE)
+		return 1;
+	return seq + f->seq_add - peer->ack_last <= (peer->win_last & 0xffff) << (peer->ws_in & 15);
 }
 
 #define TCP_MAX_HDR 60
@@ -355,10 +386,10 @@ int tcsplice(struct __sk_buff *skb)
 	__sync_fetch_and_add(&f->packets, 1);
 	if (th[13] & TH_FIN)
 		f->fin = 1;
-	if (th[13] & TH_RST)
-		f->rst = 1;
 
 	if (f->state != SPLICE) {
+		if (th[13] & TH_RST)
+			f->rst = 1;	/* the router's own socket checks it */
 		options(th, hl, f, 0);	/* a malformed list is the receiver's business */
 		if (f->state == BLOCK && (payload || (th[13] & (TH_FIN | TH_SYN))))
 			return drop(f, ERR_MAX);
@@ -366,6 +397,11 @@ int tcsplice(struct __sk_buff *skb)
 	}
 	if (th[13] & TH_SYN)
 		return drop(f, ERR_SYN);
+	if (th[13] & TH_RST) {
+		if (!rst_believed(f, get32(&th[4]), key.family))
+			return drop(f, ERR_RST);
+		f->rst = 1;
+	}
 
 	/* TCP header: ports, seq, ack, window, options. One checksum diff over all of it. */
 	{
@@ -381,8 +417,10 @@ int tcsplice(struct __sk_buff *skb)
 			f->seq_hi = seq + payload;
 			__sync_fetch_and_add(&f->bytes, ahead);
 		}
-		if (th[13] & 0x10)
+		if (th[13] & 0x10) {
 			f->ack_last = ack;
+			f->win_last = (__u32)th[14] << 8 | th[15];
+		}
 
 		__builtin_memcpy(old, th, TCP_MAX_HDR);
 		__builtin_memcpy(&th[0], f->sport, 2);

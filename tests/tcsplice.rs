@@ -6,12 +6,14 @@
 
 mod common;
 
+use common::frame::{inject, mac_of, Seg, ACK, RST};
 use common::splice::*;
 use common::*;
 use ksocks::plane::tcsplice::kernel::Kernel;
 use ksocks::sys::netlink::Netlink;
-use std::io::Write;
-use std::net::{Shutdown, SocketAddr};
+use ksocks::sys::repair;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -386,5 +388,63 @@ fn runs_as_nobody_with_only_net_admin() {
             "ss -tanH | grep -v -e '^LISTEN' -e '^TIME-WAIT' || true",
         );
         assert!(left.trim().is_empty(), "router sockets left:\n{left}");
+    }
+}
+
+/// A RST forged on the client's link with a spliced flow's addresses and ports but a sequence
+/// number 2^31 away from the client's is dropped by the program (counted `rst_window` in the
+/// exit line) and the flow goes on, exact both ways; the same forged RST at the client's own
+/// next sequence number then ends it (so the forged packets do reach the program): the server
+/// sees the reset, the flow ends `client-reset`.
+#[test]
+fn blind_reset_does_not_end_a_spliced_flow() {
+    for fam in [Family::V4, Family::V6] {
+        let Some(mut s) = Spl::start(Inbound::Redirect, fam, &[], &[]) else {
+            return;
+        };
+        let l = s.topo.server_listener(fam, SERVER_PORT);
+        let (mut c, mut srv) = s.spliced(&l, SERVER_PORT, 0, 110);
+        let macs = (mac_of(&s.topo.router, "rc"), mac_of(&s.topo.client, "c0"));
+        let forge = |c: &TcpStream, off: u32| {
+            // The client's next sequence number and acknowledgement (its queues are empty).
+            let fd = c.as_fd();
+            repair::repair_on(fd).unwrap();
+            let (snd, rcv) = repair::queue_seqs(fd).unwrap();
+            repair::repair_off(fd, repair::Leave::Quiet).unwrap();
+            let mut seg = Seg::new(c.local_addr().unwrap(), c.peer_addr().unwrap());
+            (seg.seq, seg.ack, seg.flags, seg.win) = (snd.wrapping_add(off), rcv, RST | ACK, 0);
+            inject(&s.topo.client, "c0", seg.frame(macs.0, macs.1));
+        };
+        forge(&c, 1 << 31);
+        thread::sleep(Duration::from_millis(300)); // a believed RST would end it by now
+        let rx = thread::spawn(move || {
+            let d = recv_exact_verify(&mut srv, 111, MIB).expect("server: read");
+            Digest::of_pattern(111, MIB).assert_received(&d, "server");
+            send_pattern(&mut srv, 112, MIB, 64 * 1024).expect("server: send");
+            srv
+        });
+        send_pattern(&mut c, 111, MIB, 64 * 1024).expect("client: send after the blind RST");
+        let d = recv_exact_verify(&mut c, 112, MIB).expect("client: read");
+        Digest::of_pattern(112, MIB).assert_received(&d, "client");
+        let mut srv = rx.join().unwrap();
+        assert_eq!(s.ks.stats().get("open"), 1, "the flow lives");
+
+        forge(&c, 0);
+        let mut buf = [0u8; 16];
+        let err = srv
+            .read(&mut buf)
+            .expect_err("the server's read after the RST");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        let line = s.ks.expect_end(&["client-reset"]);
+        assert!(line.contains(" plane=tcsplice "), "{line}");
+        set_linger_zero(&c);
+        drop(c);
+        s.assert_clean();
+        s.ks.stop();
+        let log = s.ks.log();
+        assert!(
+            log.contains("packets the program dropped: rst_window=1\n"),
+            "{log}"
+        );
     }
 }

@@ -4,9 +4,10 @@
 //! `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`, the kernel checks the skb's running sum as well).
 mod common;
 
+use common::frame::*;
 use common::*;
 use ksocks::plane::tcsplice::kernel::Kernel as Program;
-use ksocks::plane::tcsplice::map::{Flow, FlowKey, Seen, State};
+use ksocks::plane::tcsplice::map::{Flow, FlowKey, Seen, State, UNKNOWN_WINDOW};
 use ksocks::sys::tc::{self, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
@@ -22,111 +23,6 @@ fn mac(m: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-/// One's-complement sum of `data` (big-endian 16-bit words) added to `sum`.
-fn sum16(mut sum: u32, data: &[u8]) -> u32 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// A TCP segment to build: header fields, raw option bytes, payload.
-#[derive(Clone)]
-struct Seg {
-    src: SocketAddr,
-    dst: SocketAddr,
-    seq: u32,
-    ack: u32,
-    flags: u8,
-    win: u16,
-    opts: Vec<u8>,
-    payload: Vec<u8>,
-}
-
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const PSH: u8 = 0x08;
-
-impl Seg {
-    fn new(src: SocketAddr, dst: SocketAddr) -> Seg {
-        Seg {
-            src,
-            dst,
-            seq: 1000,
-            ack: 2000,
-            flags: ACK,
-            win: 512,
-            opts: Vec::new(),
-            payload: Vec::new(),
-        }
-    }
-
-    /// Ethernet + IP + TCP with correct checksums.
-    fn frame(&self, eth_dst: [u8; 6], eth_src: [u8; 6]) -> Vec<u8> {
-        assert_eq!(self.opts.len() % 4, 0);
-        let mut t = Vec::new();
-        t.extend(self.src.port().to_be_bytes());
-        t.extend(self.dst.port().to_be_bytes());
-        t.extend(self.seq.to_be_bytes());
-        t.extend(self.ack.to_be_bytes());
-        t.push((((20 + self.opts.len()) / 4) << 4) as u8);
-        t.push(self.flags);
-        t.extend(self.win.to_be_bytes());
-        t.extend([0, 0, 0, 0]);
-        t.extend(&self.opts);
-        t.extend(&self.payload);
-        let mut f = Vec::new();
-        f.extend(eth_dst);
-        f.extend(eth_src);
-        match (self.src.ip(), self.dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                f.extend([0x08, 0x00, 0x45, 0]);
-                f.extend(((20 + t.len()) as u16).to_be_bytes());
-                f.extend([0x12, 0x34, 0x40, 0, 64, 6, 0, 0]);
-                f.extend(s.octets());
-                f.extend(d.octets());
-                let c = fold(sum16(0, &f[14..34]));
-                f[24..26].copy_from_slice(&c.to_be_bytes());
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                f.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
-                f.extend((t.len() as u16).to_be_bytes());
-                f.extend([6, 64]);
-                f.extend(s.octets());
-                f.extend(d.octets());
-            }
-            _ => unreachable!(),
-        }
-        let l4 = f.len();
-        f.extend(t);
-        let c = tcp_sum(&f, l4);
-        f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-        f
-    }
-}
-
-/// The TCP checksum of the segment at `l4` in `frame`, with its check field taken as zero.
-fn tcp_sum(frame: &[u8], l4: usize) -> u16 {
-    let v6 = frame[12] == 0x86;
-    let seg = &frame[l4..];
-    let mut s = if v6 {
-        sum16(0, &frame[22..54])
-    } else {
-        sum16(0, &frame[26..34])
-    };
-    s += 6 + seg.len() as u32;
-    s = sum16(s, &seg[..16]);
-    s = sum16(s, &seg[18..]);
-    fold(s)
 }
 
 /// Both checksums of a frame are right.
@@ -466,4 +362,96 @@ fn unowned_block_and_observe() {
         assert_eq!(b.get(&key).seen.ts_last, Some(123));
         b.prog.flows.delete(&key.encode().unwrap()).unwrap();
     }
+}
+
+/// A RST on a spliced flow ends it only inside the window its receiver last advertised, which
+/// the other leg's entry records (its last ACK and window; userspace seeds the window with
+/// `UNKNOWN_WINDOW` until the receiver's first ACK): a blind RST a byte outside is dropped and
+/// counted, and the entry keeps `rst` clear; one on either edge is forwarded and recorded. The
+/// receiver's ACK through the splice moves the window the next RST is checked against.
+#[test]
+fn resets_count_only_inside_the_window() {
+    let Some(b) = Bench::new() else { return };
+    let mut blind = 0;
+    for fam in [Family::V4, Family::V6] {
+        let (key, flow) = b.flow(fam, State::Splice);
+        // The server's leg: from the server to the router's upstream address, rewritten to
+        // the client; the server scales its windows by 2^5.
+        let peer_key = FlowKey {
+            src: flow.dst,
+            dst: flow.src,
+        };
+        let peer = Flow {
+            src: key.dst,
+            dst: key.src,
+            state: State::Splice,
+            ws_in: 5,
+            ws_out: 7,
+            seq_add: 0x300,
+            ack_add: 0u32.wrapping_sub(0x200),
+            tsval_add: 0,
+            tsecr_add: 0,
+            seen: Seen {
+                ack_last: 0x100, // the server expects byte 0x100 (B's numbering) next
+                win_last: 100,   // 100 << 5 = 3,200 bytes
+                ..Seen::default()
+            },
+        };
+        // (window's peer entry, RST seq in the client's numbering, believed). The client's
+        // numbering is B's minus the client leg's seq_add (0x200).
+        let edge = 0x100u32.wrapping_sub(0x200);
+        let mut cases = vec![
+            (peer, edge, true),
+            (peer, edge.wrapping_add(3200), true),
+            (peer, edge.wrapping_add(3201), false),
+            (peer, edge.wrapping_sub(1), false),
+            (peer, edge.wrapping_add(0x8000_0000), false),
+        ];
+        let unknown = Flow {
+            seen: Seen {
+                win_last: UNKNOWN_WINDOW,
+                ..peer.seen
+            },
+            ..peer
+        };
+        cases.push((unknown, edge.wrapping_add(65535 << 5), true));
+        cases.push((unknown, edge.wrapping_add((65535 << 5) + 1), false));
+
+        // An ACK from the server through the splice moves its window: 0x1100, 10 << 5.
+        b.put(&peer_key, &peer);
+        let mut ack = Seg::new(peer_key.src, peer_key.dst);
+        ack.seq = 7;
+        ack.ack = 0x1100;
+        ack.win = 10;
+        let (ret, _) = b.run(&ack.frame(RS_MAC, SERVER_MAC), 0);
+        assert_eq!(ret, TC_ACT_REDIRECT, "{fam:?} the server's ACK");
+        let seen = b.get(&peer_key).seen;
+        assert_eq!((seen.ack_last, seen.win_last), (0x1100, 10));
+        let acked = Flow { seen, ..peer };
+        let edge2 = 0x1100u32.wrapping_sub(0x200);
+        cases.push((acked, edge2.wrapping_add(320), true));
+        cases.push((acked, edge2.wrapping_add(321), false));
+        cases.push((acked, edge.wrapping_add(3200), false)); // the old window's edge
+
+        for (i, (peer, seq, believed)) in cases.into_iter().enumerate() {
+            b.put(&key, &flow);
+            b.put(&peer_key, &peer);
+            let mut s = Seg::new(key.src, key.dst);
+            s.seq = seq;
+            s.flags = RST | ACK;
+            let (ret, out) = b.run(&s.frame(RC_MAC, CLIENT_MAC), 0);
+            let rst = b.get(&key).seen.rst;
+            if believed {
+                assert_eq!((ret, rst), (TC_ACT_REDIRECT, true), "{fam:?} case {i}");
+                assert_eq!(be32(&out, out.len() - 16), seq.wrapping_add(0x200));
+                assert_checksums(&out);
+            } else {
+                assert_eq!((ret, rst), (TC_ACT_SHOT, false), "{fam:?} case {i}");
+                blind += 1;
+            }
+        }
+        b.prog.flows.delete(&key.encode().unwrap()).unwrap();
+        b.prog.flows.delete(&peer_key.encode().unwrap()).unwrap();
+    }
+    assert_eq!(b.errors(7), blind, "blind resets counted as ERR_RST");
 }

@@ -7,6 +7,7 @@
 //! 2001:db8::/32 are used, and only inside namespaces created here.
 #![allow(dead_code)] // each test crate uses a different subset of the helpers
 pub mod cases;
+pub mod frame;
 pub mod peers;
 pub mod splice;
 pub mod udp;

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 /// `sizeof(struct flow_key)`.
 pub const KEY_SIZE: usize = 40;
 /// `sizeof(struct flow)`.
-pub const VALUE_SIZE: usize = 104;
+pub const VALUE_SIZE: usize = 112;
 
 /// What the program does with a flow's packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +96,10 @@ pub struct Seen {
     pub dropped: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
     pub last_ns: u64,
+    /// Seeded by userspace when it writes SPLICE, then written by the program: the sender's
+    /// last window field, unscaled. A RST from the other leg counts only inside this window
+    /// past `ack_last` (a blind reset is dropped).
+    pub win_last: u16,
 }
 
 impl Seen {
@@ -177,6 +181,7 @@ impl Flow {
         {
             v[72 + 8 * i..80 + 8 * i].copy_from_slice(&x.to_ne_bytes());
         }
+        v[104..108].copy_from_slice(&u32::from(s.win_last).to_ne_bytes());
         v
     }
 
@@ -207,6 +212,7 @@ impl Flow {
                 bytes: u64_at(v, 80),
                 dropped: u64_at(v, 88),
                 last_ns: u64_at(v, 96),
+                win_last: u32_at(v, 104) as u16,
             },
         }
     }
@@ -231,11 +237,15 @@ pub struct Frozen {
     pub timestamps: bool,
 }
 
+/// The window a SPLICE entry starts with: the largest its sender can have advertised, until
+/// its first ACK through the splice (the window probes of handoff step 5 ask for one at once).
+pub const UNKNOWN_WINDOW: u16 = u16::MAX;
+
 /// The two `flows` entries of a handoff: (key, value) for packets from A's peer (the client,
 /// arriving with destination `a_dst`, its original destination) and from B's peer (the
 /// server). `a_seen`/`b_seen` are what the program observed of each peer so far (their last
 /// TSvals, FINs, counters), carried over; `seq_hi` and `ack_last` are seeded from the
-/// frozen sockets and `bytes` starts at 0.
+/// frozen sockets, `win_last` is [`UNKNOWN_WINDOW`] and `bytes` starts at 0.
 pub fn splice_entries(
     a: &Frozen,
     a_dst: SocketAddr,
@@ -266,6 +276,7 @@ pub fn splice_entries(
         seen: Seen {
             seq_hi: a.rcv_nxt,
             ack_last: a.snd_nxt,
+            win_last: UNKNOWN_WINDOW,
             bytes: 0,
             ..a_seen
         },
@@ -283,6 +294,7 @@ pub fn splice_entries(
         seen: Seen {
             seq_hi: b.rcv_nxt,
             ack_last: b.snd_nxt,
+            win_last: UNKNOWN_WINDOW,
             bytes: 0,
             ..b_seen
         },
@@ -385,6 +397,8 @@ mod tests {
             (10, 0xffff_fff0, 0)
         );
         assert_eq!((s2c.seen.seq_hi, s2c.seen.ack_last), (0xffff_ff00, 20));
+        // Each receiver's window is unknown until its first ACK through the splice.
+        assert_eq!((c2s.seen.win_last, s2c.seen.win_last), (u16::MAX, u16::MAX));
         assert_eq!((k1.src, k1.dst), (a.peer, orig));
         assert_eq!((k2.src, k2.dst), (b.peer, b.local));
         assert_eq!((c2s.src, c2s.dst), (b.local, b.peer));
@@ -434,6 +448,7 @@ mod tests {
             bytes: 5,
             dropped: 6,
             last_ns: 7,
+            win_last: 8,
         };
         let f = Flow {
             src: "1.2.3.4:5".parse().unwrap(),

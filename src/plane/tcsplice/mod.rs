@@ -249,7 +249,7 @@ impl Drop for Plane {
             "syn",
             "redirect",
             "options",
-            "?",
+            "rst_window",
         ];
         let errors = self.kernel.errors();
         if errors.iter().any(|&n| n > 0) {
