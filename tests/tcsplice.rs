@@ -1,4 +1,4 @@
-//! The tcsplice plane beyond the shared cases (tests/transparent.rs and tests/proxy.rs run
+//! The tcsplice plane beyond the shared cases (tests/transparent.rs and tests/proxy/ run
 //! those on it too): what ksocks refuses to start with, that it detaches from tc on exit and
 //! removes a crashed run's filters, the clsact path of kernels before 6.6, a stalled reader's
 //! memory, and a client port reused while its first flow is spliced. After each test nothing

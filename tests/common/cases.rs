@@ -1,5 +1,5 @@
 //! Byte-exactness case bodies shared by tests/transparent.rs (REDIRECT/TPROXY straight to the
-//! server) and tests/proxy.rs (through a proxy chain): each is generic over [`CaseCtx`], which
+//! server) and tests/proxy/ (through a proxy chain): each is generic over [`CaseCtx`], which
 //! both files' `Ctx` implement. Where the two suites differ only in a size, a delay or a bound,
 //! that is a parameter; the caller passes its own value.
 
