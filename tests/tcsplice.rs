@@ -315,7 +315,7 @@ fn redirect_with_a_remapped_client_port() {
     let (dst, ip) = (s.dst(SERVER_PORT), s.topo.client_ip(Family::V4));
     let first = s
         .topo
-        .in_client(move || socket2_bound(libc::AF_INET, SocketAddr::new(ip, 0))?.connect(dst))
+        .in_client(move || socket2_bound(SocketAddr::new(ip, 0))?.connect(dst))
         .join()
         .unwrap()
         .unwrap();

@@ -42,13 +42,6 @@ const PAUSE: Duration = Duration::from_millis(200);
 /// The MSS a peer advertises in `mss_smaller_than_the_devices_allow` (the devices: 1500).
 const SMALL_MSS: u16 = 1000;
 
-fn family(fam: Family) -> libc::c_int {
-    match fam {
-        Family::V4 => libc::AF_INET,
-        Family::V6 => libc::AF_INET6,
-    }
-}
-
 /// ksocks on tcsplice with SOCKS5 listeners on every router address, port SOCKS_PORT, besides
 /// the transparent ones.
 fn with_socks() -> Option<Spl> {
@@ -146,7 +139,7 @@ fn mss_smaller_than_the_devices_allow() {
         let c = s
             .topo
             .in_client(move || {
-                let sock = socket2_bound(family(fam), SocketAddr::new(ip, 0))?;
+                let sock = socket2_bound(SocketAddr::new(ip, 0))?;
                 repair::set_maxseg(sock.as_fd(), SMALL_MSS)?;
                 sock.connect(dst)
             })

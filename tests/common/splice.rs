@@ -5,8 +5,10 @@
 
 use super::*;
 use ksocks::sys::netlink::Netlink;
+use ksocks::sys::socket;
 use ksocks::sys::tc;
 use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 pub const KSOCKS_PORT: u16 = 12345;
 
@@ -141,11 +143,7 @@ impl Spl {
         let mut c = self
             .topo
             .in_client(move || -> io::Result<TcpStream> {
-                let sock = match fam {
-                    Family::V4 => libc::AF_INET,
-                    Family::V6 => libc::AF_INET6,
-                };
-                let s = socket2_bound(sock, SocketAddr::new(client_ip, from))?;
+                let s = socket2_bound(SocketAddr::new(client_ip, from))?;
                 s.connect(dst)
             })
             .join()
@@ -221,109 +219,33 @@ pub fn assert_router_clean(topo: &Topology) {
     }
 }
 
-/// A blocking TCP socket bound to `addr` with SO_REUSEADDR (so a client port can be reused
-/// towards another destination while its first connection lives).
-pub fn socket2_bound(family: libc::c_int, addr: SocketAddr) -> io::Result<Socket> {
-    // SAFETY: plain integer arguments.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket() and nothing else owns it.
-    let s = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: one is a valid c_int and the length matches.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            &one as *const libc::c_int as *const libc::c_void,
-            4,
-        )
-    };
-    let s = Socket(s);
-    s.bind(addr)?;
-    Ok(s)
+/// A TCP socket bound to `addr` with SO_REUSEADDR (so a client port can be reused towards
+/// another destination while its first connection lives), made by the crate's own socket
+/// calls.
+pub fn socket2_bound(addr: SocketAddr) -> io::Result<Socket> {
+    let fd = socket::tcp_socket(&addr)?;
+    socket::set_int_opt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    socket::bind(fd.as_fd(), &addr)?;
+    Ok(Socket(fd))
 }
 
 /// A socket bound by [`socket2_bound`], not yet connected.
-pub struct Socket(std::os::fd::OwnedFd);
+pub struct Socket(OwnedFd);
 
-impl std::os::fd::AsFd for Socket {
+impl AsFd for Socket {
     /// For socket options that must be set before connect (`TCP_MAXSEG`).
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.0)
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
     }
 }
 
 impl Socket {
-    fn raw(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match addr {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-                unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-                std::mem::size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-                unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-                std::mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (ss, len as libc::socklen_t)
-    }
-
-    fn bind(&self, addr: SocketAddr) -> io::Result<()> {
-        let (ss, len) = Socket::raw(addr);
-        // SAFETY: ss holds a valid sockaddr of len bytes; the fd is ours.
-        let rc = unsafe {
-            libc::bind(
-                self.0.as_raw_fd(),
-                (&ss as *const libc::sockaddr_storage).cast(),
-                len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     /// Connects (blocking) and hands the socket over as a stream.
     pub fn connect(self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let (ss, len) = Socket::raw(addr);
-        // SAFETY: ss holds a valid sockaddr of len bytes; the fd is ours.
-        let rc = unsafe {
-            libc::connect(
-                self.0.as_raw_fd(),
-                (&ss as *const libc::sockaddr_storage).cast(),
-                len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(TcpStream::from(self.0))
+        let s = TcpStream::from(self.0);
+        s.set_nonblocking(false)?;
+        socket::connect(s.as_fd(), &addr)?;
+        Ok(s)
     }
 }
 
